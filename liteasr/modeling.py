@@ -1,0 +1,204 @@
+"""Lite-whisper models: the published LiteASR checkpoint format, registered with the transformers Auto classes.
+
+The format itself (config, `LowRankLinear`, the model classes) lives in `liteasr/remote_code/`, because the same
+files are written beside every checkpoint we save so that the published loader,
+`AutoModel.from_pretrained(dir, trust_remote_code=True)`, works without liteasr. This module re-exports those
+classes and adds what only this library does: reduced-dimension attention (`config.low_rank_attention`), building a
+lite model from a dense Whisper, and loading either kind for inference. Importing it registers "lite-whisper" with
+`AutoConfig`, `AutoModel` and `AutoModelForSpeechSeq2Seq`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSpeechSeq2Seq,
+    GenerationConfig,
+    WhisperForConditionalGeneration,
+)
+
+from liteasr.attention import use_low_rank_attention
+from liteasr.errors import CheckpointError
+from liteasr.remote_code import modeling_lite_whisper as _format
+from liteasr.remote_code.configuration_lite_whisper import LOW_RANK_MAPS, LiteWhisperConfig
+from liteasr.remote_code.modeling_lite_whisper import LiteWhisperEncoder, LiteWhisperModel, LowRankLinear
+
+__all__ = [
+    "LOW_RANK_MAPS",
+    "LiteWhisperConfig",
+    "LiteWhisperEncoder",
+    "LiteWhisperForConditionalGeneration",
+    "LiteWhisperModel",
+    "LowRankLinear",
+    "encoder_parameters",
+    "factorize_linear",
+    "load_model",
+]
+
+REMOTE_CODE_DIR = Path(__file__).with_name("remote_code")
+REMOTE_CODE_FILES = ("configuration_lite_whisper.py", "modeling_lite_whisper.py")
+
+# Config entries that describe the dense source, not the lite model built from it.
+_NOT_INHERITED = (
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "low_rank_config",
+    "low_rank_attention",
+)
+
+
+class LiteWhisperForConditionalGeneration(_format.LiteWhisperForConditionalGeneration):
+    """The published model class, plus reduced-dimension encoder attention when `config.low_rank_attention` is set.
+
+    This is the class the Auto classes and `load_model` return. The re-exported `LiteWhisperModel` and
+    `LiteWhisperEncoder` are the format alone; `liteasr.attention.use_low_rank_attention` applies to them too.
+    `save_pretrained` also writes the remote-code files, so the directory loads without liteasr.
+    """
+
+    def __init__(self, config: LiteWhisperConfig) -> None:
+        super().__init__(config)
+        if config.low_rank_attention:
+            use_low_rank_attention(self.model.encoder)
+
+    @classmethod
+    def from_whisper(
+        cls,
+        model: WhisperForConditionalGeneration,
+        low_rank: Mapping[tuple[int, str], LowRankLinear],
+        *,
+        low_rank_attention: bool = False,
+    ) -> LiteWhisperForConditionalGeneration:
+        """A lite model: `model` with the encoder maps keyed (layer index, map name) in `low_rank` replaced.
+
+        `model` may already be lite; its low-rank maps stay unless replaced. Each factorized map must have the
+        shape of the map it replaces and is cast to that map's dtype and device. Every other tensor, and the
+        generation config, is taken from `model`: tensors share storage with it (no copy, which matters for
+        large-v3), so clone `model` first if you go on modifying either in place.
+        """
+        layers = model.model.encoder.layers
+        previous = getattr(model.config, "low_rank_config", None) or [{} for _ in layers]
+        low_rank_config = [dict(ranks) for ranks in previous]
+        state = model.state_dict()
+        for (index, name), module in low_rank.items():
+            if name not in LOW_RANK_MAPS or not 0 <= index < len(layers):
+                raise ValueError(
+                    f"cannot factorize ({index}, {name!r}): expected a layer in [0, {len(layers)}) and a map "
+                    f"among {LOW_RANK_MAPS}"
+                )
+            prefix = f"model.encoder.layers.{index}.{'' if name.startswith('fc') else 'self_attn.'}{name}"
+            dense = model.get_submodule(prefix)
+            expected = (dense.in_features, dense.out_features)
+            if (module.in_features, module.out_features) != expected:
+                raise ValueError(
+                    f"{prefix}: the factorized map must have (in, out) features {expected}, "
+                    f"got {(module.in_features, module.out_features)}"
+                )
+            weight = next(dense.parameters())
+            for key in [key for key in state if key.startswith(f"{prefix}.")]:
+                del state[key]
+            for key, tensor in module.state_dict().items():
+                state[f"{prefix}.{key}"] = tensor.to(device=weight.device, dtype=weight.dtype)
+            low_rank_config[index][name] = module.rank
+
+        inherited = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_INHERITED}
+        config = LiteWhisperConfig(
+            **inherited,
+            low_rank_config=low_rank_config,
+            low_rank_attention=low_rank_attention,
+            attn_implementation=model.config._attn_implementation,
+        )
+        with torch.device("meta"):
+            lite = cls(config)
+        lite.load_state_dict(state, strict=True, assign=True)
+        lite.tie_weights()
+        # Marked as derived from the model config, a generation config drops its extra (Whisper) fields on reload.
+        generation = model.generation_config.to_dict()
+        generation.pop("_from_model_config", None)
+        lite.generation_config = GenerationConfig.from_dict(generation)
+        return lite.train(model.training)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(REMOTE_CODE_DIR / name, Path(save_directory) / name)
+
+
+def factorize_linear(
+    linear: nn.Linear, basis: torch.Tensor, mean: torch.Tensor | None = None
+) -> LowRankLinear:
+    """Project `linear`'s outputs onto the span of `basis` around `mean` (LiteASR's factorization).
+
+    With V the orthonormal columns of `basis` (d_out x k) and mu the output mean, y = x W^T + b becomes
+    (x W1) W2 + b' with W1 = W^T V, W2 = V^T, b' = mu + (b - mu) V V^T, i.e. mu + (y - mu) V V^T. Computed in
+    float64, returned in `linear`'s dtype and device. `mean=None` projects around zero.
+    """
+    out_features = linear.out_features
+    if basis.dim() != 2 or basis.shape[0] != out_features or not 1 <= basis.shape[1] <= out_features:
+        raise ValueError(
+            f"basis must be [out_features, k] = [{out_features}, k] with 1 <= k <= {out_features}, "
+            f"got {list(basis.shape)}"
+        )
+    if mean is not None and mean.shape != (out_features,):
+        raise ValueError(f"mean must have shape [{out_features}], got {list(mean.shape)}")
+    weight = linear.weight.detach()
+    v = basis.detach().to(device=weight.device, dtype=torch.float64)
+    mu = torch.zeros(out_features, dtype=torch.float64, device=weight.device)
+    if mean is not None:
+        mu = mean.detach().to(mu)
+    b = mu.new_zeros(out_features) if linear.bias is None else linear.bias.detach().to(mu)
+    bias = mu + ((b - mu) @ v) @ v.T
+    return LowRankLinear.from_factors(weight.to(mu).T @ v, v.T, bias).to(weight)
+
+
+def encoder_parameters(model: WhisperForConditionalGeneration) -> int:
+    """Encoder parameters as the LiteASR paper counts them: without the fixed positional embedding.
+
+    openai/whisper keeps the sinusoids in a buffer, so the published sizes (7.63M for tiny) leave them out.
+    """
+    encoder = model.model.encoder
+    return sum(p.numel() for p in encoder.parameters()) - encoder.embed_positions.weight.numel()
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> WhisperForConditionalGeneration:
+    """Whisper or lite-whisper from a directory or Hub id, with SDPA attention, on `device` in eval mode.
+
+    Raises `CheckpointError` when the source cannot be read, is not a Whisper model, or its weights do not fill the
+    model exactly (transformers would only warn and leave the missing weights at random).
+    """
+    try:
+        model, info = AutoModelForSpeechSeq2Seq.from_pretrained(
+            os.fspath(source), dtype=dtype, attn_implementation="sdpa", output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load a model from {source}: {err}") from err
+    if not isinstance(model, WhisperForConditionalGeneration):
+        raise CheckpointError(f"{source} holds a {type(model).__name__}, not Whisper or lite-whisper")
+    if problems := [_describe(kind, keys) for kind, keys in info.items() if kind != "error_msgs" and keys]:
+        raise CheckpointError(f"the weights in {source} do not match its config: {'; '.join(problems)}")
+    return model.to(device).eval()
+
+
+def _describe(kind: str, keys: set) -> str:
+    names = sorted(map(str, keys))
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"{len(names)} {kind.replace('_', ' ')} ({shown})"
+
+
+AutoConfig.register(LiteWhisperConfig.model_type, LiteWhisperConfig, exist_ok=True)
+AutoModel.register(LiteWhisperConfig, LiteWhisperForConditionalGeneration, exist_ok=True)
+AutoModelForSpeechSeq2Seq.register(LiteWhisperConfig, LiteWhisperForConditionalGeneration, exist_ok=True)
