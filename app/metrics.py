@@ -1,0 +1,193 @@
+"""Every Prometheus object of the service, in one registry per app (so tests can build several apps).
+
+Names follow client_python's conventions: one namespace (`liteasr_`), base units, counters end in `_total`, and
+every label value that can be known up front is created up front, so a dashboard sees zeros instead of gaps.
+Latency buckets cover 10 ms (a warm short clip on a GPU) to 120 s (a long file queued behind others on a CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["LATENCY_BUCKETS", "REJECT_REASONS", "GpuMemoryCollector", "Metrics", "MetricsMiddleware"]
+
+NAMESPACE = "liteasr"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+# Why a request was refused or abandoned; the label values of liteasr_requests_rejected_total.
+REJECT_REASONS = (
+    "queue_full",
+    "too_large",
+    "too_long",
+    "bad_audio",
+    "bad_option",
+    "invalid_request",
+    "timeout",
+    "client_gone",
+    "shutting_down",
+    "not_ready",
+)
+DROP_REASONS = ("client_gone", "timeout", "failed", "shutting_down")
+RETRY_REASONS = ("error", "oom")
+
+
+class Metrics:
+    """The service's metrics; `registry` is what `GET /metrics` renders."""
+
+    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        common = {"namespace": NAMESPACE, "registry": self.registry}
+
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "Time from receiving an HTTP request to sending its response, by route and status code.",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            **common,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Time a window waited in the batch queue before its batch started.",
+            buckets=LATENCY_BUCKETS,
+            **common,
+        )
+        self.inference_duration = Histogram(
+            "inference_duration_seconds",
+            "Duration of one model call over one batch of windows.",
+            buckets=LATENCY_BUCKETS,
+            **common,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "Windows per model call.",
+            buckets=_batch_buckets(max_batch_size),
+            **common,
+        )
+        self.audio_seconds = Counter(
+            "audio_seconds", "Seconds of audio transcribed (answered requests).", **common
+        )
+        self.windows = Counter("windows", "Windows decoded by the model.", **common)
+        self.queue_depth = Gauge("queue_depth", "Windows waiting in the batch queue.", **common)
+        self.windows_running = Gauge("windows_running", "Windows in the model call running now.", **common)
+        self.requests_in_flight = Gauge(
+            "requests_in_flight",
+            "Transcription requests admitted and not yet answered (bounded by LITEASR_MAX_QUEUE).",
+            **common,
+        )
+        self.requests_rejected = Counter(
+            "requests_rejected",
+            "Transcription requests refused or abandoned, by reason.",
+            ["reason"],
+            **common,
+        )
+        self.windows_dropped = Counter(
+            "windows_dropped",
+            "Queued windows skipped because their request ended first (client left, timeout, a failed sibling, "
+            "shutdown).",
+            ["reason"],
+            **common,
+        )
+        self.batch_retries = Counter(
+            "batch_retries",
+            "Batches that failed and were retried: item by item after an error, in halves after out-of-memory.",
+            ["reason"],
+            **common,
+        )
+        self.window_failures = Counter(
+            "window_failures", "Windows that failed on their own, after their batch was retried.", **common
+        )
+        self.model_info = Info("model", "The served model.", **common)
+        self.model_load_seconds = Gauge(
+            "model_load_seconds", "Seconds the model took to load and warm up.", **common
+        )
+        self.ready = Gauge("ready", "1 when the model is loaded and requests are served, else 0.", **common)
+
+        for reason in REJECT_REASONS:
+            self.requests_rejected.labels(reason)
+        for reason in DROP_REASONS:
+            self.windows_dropped.labels(reason)
+        for reason in RETRY_REASONS:
+            self.batch_retries.labels(reason)
+
+    def watch_gpu(self, device) -> None:
+        """Add the GPU memory gauges (read at scrape time) for a CUDA device."""
+        self.registry.register(GpuMemoryCollector(device))
+
+
+def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """One bucket per size up to 16, then powers of two: the histogram shows exactly how full batches are."""
+    sizes = list(range(1, min(max_batch_size, 16) + 1))
+    size = 32
+    while sizes[-1] < max_batch_size:
+        sizes.append(min(size, max_batch_size))
+        size *= 2
+    return tuple(float(s) for s in sizes)
+
+
+class GpuMemoryCollector(Collector):
+    """`liteasr_gpu_memory_{allocated,reserved,total}_bytes` of one CUDA device, read from torch at scrape time."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        import torch
+
+        label = str(self.device)
+        readings = {
+            "allocated": ("Bytes of GPU memory held by tensors.", torch.cuda.memory_allocated(self.device)),
+            "reserved": (
+                "Bytes of GPU memory reserved by the caching allocator.",
+                torch.cuda.memory_reserved(self.device),
+            ),
+            "max_allocated": (
+                "Peak bytes of GPU memory held by tensors since start.",
+                torch.cuda.max_memory_allocated(self.device),
+            ),
+            "total": (
+                "Bytes of memory of the GPU.",
+                torch.cuda.get_device_properties(self.device).total_memory,
+            ),
+        }
+        for name, (doc, value) in readings.items():
+            family = GaugeMetricFamily(f"{NAMESPACE}_gpu_memory_{name}_bytes", doc, labels=["device"])
+            family.add_metric([label], float(value))
+            yield family
+
+
+class MetricsMiddleware:
+    """Times every HTTP request into `liteasr_request_duration_seconds{endpoint, status}`.
+
+    `endpoint` is the route's path template (never the raw path, which a client controls), or `unmatched`.
+    Pure ASGI rather than BaseHTTPMiddleware, so it does not touch the request body or the disconnect signal.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics: Metrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                route = scope.get("route")
+                endpoint = getattr(route, "path", None) or "unmatched"
+                metrics.request_duration.labels(endpoint, str(status)).observe(time.perf_counter() - started)

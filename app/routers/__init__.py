@@ -1,0 +1,1 @@
+"""HTTP routes: thin; the work is in `app.service` and `app.batching`."""

@@ -1,0 +1,85 @@
+"""OpenAI's audio API: `POST /v1/audio/transcriptions`, `POST /v1/audio/translations`, `GET /v1/models`.
+
+`model`, `prompt` and `temperature` are accepted and ignored (one model is served; the engine neither conditions on
+a prompt nor samples at a client's temperature: it decodes greedily and falls back to higher temperatures on its own
+when a window loops). `timestamp_granularities[]=word` and `stream=true` are refused with 400.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.deps import ServiceDep
+from app.errors import ModelNotFound, UnsupportedParameter
+from app.formats import render
+from app.schemas import (
+    TIMED_FORMATS,
+    TRANSCRIPTION_ERRORS,
+    ModelCard,
+    ModelList,
+    OpenAIForm,
+    OpenAITranscription,
+    multipart_body,
+)
+from app.uploads import check_content_length
+from liteasr.engine import DecodeOptions
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post(
+    "/audio/transcriptions",
+    summary="OpenAI-compatible transcription",
+    openapi_extra=multipart_body(OpenAIForm),
+    responses={200: {"model": OpenAITranscription}, **TRANSCRIPTION_ERRORS},
+)
+async def transcriptions(request: Request, service: ServiceDep) -> Response:
+    return await _handle(request, service, "transcribe")
+
+
+@router.post(
+    "/audio/translations",
+    summary="OpenAI-compatible translation to English",
+    openapi_extra=multipart_body(OpenAIForm),
+    responses={200: {"model": OpenAITranscription}, **TRANSCRIPTION_ERRORS},
+)
+async def translations(request: Request, service: ServiceDep) -> Response:
+    return await _handle(request, service, "translate")
+
+
+@router.get("/models", summary="The served model", response_model=ModelList)
+async def list_models(service: ServiceDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=service.model_name, created=service.created)])
+
+
+@router.get("/models/{model_id}", summary="One model", response_model=ModelCard)
+async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
+    if model_id != service.model_name:
+        raise ModelNotFound(
+            f"model {model_id!r} is not served here; this server serves {service.model_name!r}"
+        )
+    return ModelCard(id=service.model_name, created=service.created)
+
+
+async def _handle(
+    request: Request, service: ServiceDep, task: Literal["transcribe", "translate"]
+) -> Response:
+    check_content_length(request, service.settings.max_upload_bytes)
+    with service.admit() as ticket:  # before a byte of the upload is read
+        upload = await service.read_upload(ticket, request)
+        form = OpenAIForm.parse(upload)
+        if form.stream:
+            raise UnsupportedParameter("stream=true is not supported; the answer comes whole")
+        if "word" in form.timestamp_granularities:
+            raise UnsupportedParameter(
+                "word timestamps are not supported; use timestamp_granularities[]=segment"
+            )
+        options = DecodeOptions(
+            language=form.language, task=task, timestamps=form.response_format in TIMED_FORMATS
+        )
+        service.check_options(options)
+        outcome = await service.transcribe(ticket, request, upload.audio, options)
+    return render(outcome, form.response_format, openai=True)

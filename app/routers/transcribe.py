@@ -1,0 +1,30 @@
+"""`POST /transcribe`: the service's own API (JSON with timings, or text, srt, vtt, verbose_json)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.deps import ServiceDep
+from app.formats import render
+from app.schemas import TRANSCRIPTION_ERRORS, TranscribeForm, TranscriptionOut, multipart_body
+from app.uploads import check_content_length
+
+router = APIRouter(tags=["transcription"])
+
+
+@router.post(
+    "/transcribe",
+    summary="Transcribe (or translate) an audio file",
+    openapi_extra=multipart_body(TranscribeForm),
+    responses={200: {"model": TranscriptionOut}, **TRANSCRIPTION_ERRORS},
+)
+async def transcribe(request: Request, service: ServiceDep) -> Response:
+    check_content_length(request, service.settings.max_upload_bytes)
+    with service.admit() as ticket:  # before a byte of the upload is read
+        upload = await service.read_upload(ticket, request)
+        form = TranscribeForm.parse(upload)
+        options = form.decode_options()
+        service.check_options(options)
+        outcome = await service.transcribe(ticket, request, upload.audio, options)
+    return render(outcome, form.response_format, segments=form.timestamps)

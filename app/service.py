@@ -1,0 +1,243 @@
+"""The served model's life (loading, ready, failed, stopping) and one transcription from upload to `Outcome`.
+
+Loading runs in a worker thread started by the lifespan, which returns at once: the server answers `/healthz`
+and `/readyz` (503) while the model loads, instead of refusing connections. Every step after admission runs
+against the request's deadline (`request_timeout_s` from admission) and, once the body is read, against the
+client's disconnect: whichever comes first ends the request and drops its queued windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
+
+from starlette.requests import Request
+from starlette.types import Receive
+
+from app.batching import Batcher, Ticket
+from app.config import Settings
+from app.errors import ClientGone, NotReady, RequestTimedOut, ServiceError, ShuttingDown
+from app.formats import Outcome
+from app.metrics import Metrics
+from app.schemas import Timings
+from app.uploads import Upload, read_upload
+from liteasr.audio import SAMPLE_RATE, decode_audio
+from liteasr.engine import DecodeOptions, Engine, Transcription, Window, split_windows, stitch
+
+__all__ = ["Service"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Status = Literal["loading", "ready", "failed", "stopping"]
+
+
+class Service:
+    """What the routes use: admission, upload reading, transcription; plus the state behind /healthz, /readyz."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model_name = settings.model_name
+        self.created = int(time.time())
+        self.status: Status = "loading"
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self._loader: asyncio.Task | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start loading the model in the background; `status` becomes `ready` or `failed`."""
+        self._loader = asyncio.create_task(self._load(), name="liteasr-load")
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            engine = await asyncio.to_thread(self._load_engine)
+        except Exception:
+            logger.exception("the model %s failed to load", self.settings.model)
+            self.status = "failed"
+            return
+        if self.status == "stopping":
+            return
+        s = self.settings
+        self.engine = engine
+        self.batcher = Batcher(
+            engine,
+            self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_batch_wait_ms / 1000,
+            max_queue=s.max_queue,
+            retry_after_max_s=s.retry_after_max_s,
+        )
+        self.batcher.start()
+        self.metrics.model_info.info(
+            {
+                "model": self.model_name,
+                "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "encoder_parameters": str(engine.encoder_parameters),
+                "multilingual": str(engine.is_multilingual).lower(),
+            }
+        )
+        if engine.device.type == "cuda":
+            self.metrics.watch_gpu(engine.device)
+        seconds = time.perf_counter() - started
+        self.metrics.model_load_seconds.set(seconds)
+        self.metrics.ready.set(1)
+        self.status = "ready"
+        logger.info(
+            "serving %s on %s (%s), loaded and warmed in %.1f s",
+            self.model_name,
+            engine.device,
+            engine.dtype,
+            seconds,
+        )
+
+    def _load_engine(self) -> Engine:
+        engine = Engine.load(
+            self.settings.model, device=self.settings.device, cache_dir=self.settings.cache_dir
+        )
+        if self.settings.warmup:
+            engine.warmup()
+        return engine
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new requests (503) from now on; admitted ones go on."""
+        if self.status != "failed":
+            self.status = "stopping"
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.stop_admitting()
+
+    async def stop(self, grace_s: float) -> None:
+        """Finish admitted requests (up to `grace_s`), then stop the batch worker."""
+        self.begin_shutdown()
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()  # the load thread itself cannot be interrupted; its result is dropped
+        if self.batcher is not None:
+            await self.batcher.close(grace_s)
+
+    def liveness(self) -> tuple[bool, str]:
+        if self.status == "failed":
+            return False, "the model failed to load; see the server log"
+        if self.batcher is not None and not self.batcher.alive and self.status == "ready":
+            return False, "the batch worker stopped"
+        return True, "ok"
+
+    # -- one request ----------------------------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        """A ticket for one request, or 503: queue full, model not ready, or shutting down."""
+        if self.status == "stopping":
+            raise ShuttingDown("the server is shutting down", retry_after=self.settings.retry_after_max_s)
+        if self.status == "failed":
+            raise NotReady("the model failed to load", retry_after=self.settings.retry_after_max_s)
+        if self.batcher is None:
+            raise NotReady("the model is still loading", retry_after=5)
+        return self.batcher.admit()
+
+    async def read_upload(self, ticket: Ticket, request: Request) -> Upload:
+        """The multipart body, refused with 413 past `max_upload_mb`, within the request's deadline."""
+        remaining = ticket.admitted_at + self.settings.request_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(
+                read_upload(request, max_bytes=self.settings.max_upload_bytes), remaining
+            )
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
+
+    def check_options(self, options: DecodeOptions) -> None:
+        """InvalidOptionError (400) when the model cannot honour `options`; runs before the audio is decoded."""
+        assert self.batcher is not None
+        self.batcher.check_options(options)
+
+    async def transcribe(
+        self, ticket: Ticket, request: Request, data: bytes, options: DecodeOptions
+    ) -> Outcome:
+        """Decode the upload off the event loop, queue its windows, stitch their results in order."""
+        assert self.batcher is not None
+        deadline = ticket.admitted_at + self.settings.request_timeout_s
+        watcher = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            decode_started = time.monotonic()
+            duration, windows = await self._until(asyncio.to_thread(self._decode, data), deadline, watcher)
+            decode_s = time.monotonic() - decode_started
+            if not windows:  # a valid file without samples: nothing to decode
+                transcription = Transcription(
+                    text="", language=options.language or "en", duration=0.0, windows=0
+                )
+                total_s = time.monotonic() - ticket.admitted_at
+                timings = Timings(
+                    queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
+                )
+                return Outcome(transcription, self.model_name, options.task, timings)
+            job = self.batcher.submit([window.samples for window in windows], options)
+            try:
+                outcomes = await self._until(job.results(), deadline, watcher)
+            except ServiceError as error:
+                job.cancel(error.reason or "failed")
+                raise
+            except asyncio.CancelledError:
+                job.cancel("client_gone")
+                raise
+            except Exception:
+                job.cancel("failed")
+                raise
+        finally:
+            watcher.cancel()
+        transcription = stitch(windows, [o.result for o in outcomes], duration)
+        self.metrics.audio_seconds.inc(duration)
+        first_start = min(o.started for o in outcomes)
+        timings = Timings(
+            queue_wait_s=round(first_start - job.submitted, 4),
+            inference_s=round(max(o.finished for o in outcomes) - first_start, 4),
+            batch_size=max(o.batch_size for o in outcomes),
+            decode_s=round(decode_s, 4),
+            total_s=round(time.monotonic() - ticket.admitted_at, 4),
+        )
+        return Outcome(transcription, self.model_name, options.task, timings)
+
+    def _decode(self, data: bytes) -> tuple[float, list[Window]]:
+        """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file)."""
+        audio = decode_audio(data, max_seconds=self.settings.max_audio_seconds)
+        return len(audio) / SAMPLE_RATE, split_windows(audio) if len(audio) else []
+
+    async def _until(self, awaitable: Awaitable[T], deadline: float, disconnected: asyncio.Future) -> T:
+        """The awaitable's result, unless the deadline passes (504) or the client leaves (499) first."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait(
+                {task, disconnected},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if task in done:
+                return task.result()
+            if disconnected in done:
+                raise ClientGone("the client closed the connection")
+            raise self._timed_out()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _timed_out(self) -> RequestTimedOut:
+        return RequestTimedOut(
+            f"no answer within {self.settings.request_timeout_s:g} s of admission (LITEASR_REQUEST_TIMEOUT_S)"
+        )
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client closes the connection (call only after the request body was read)."""
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+    except Exception:  # a server that cannot tell: never report a disconnect
+        logger.debug("cannot watch for the client's disconnect", exc_info=True)
+        await asyncio.Event().wait()
