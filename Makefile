@@ -41,5 +41,9 @@ format: setup
 	$(VENV)/bin/ruff format liteasr app tests bench
 	$(VENV)/bin/ruff check --fix liteasr app tests bench
 
+# Serving benchmark (not a test, minutes of CPU): service unbatched vs batched vs faster-whisper -> docs/benchmarks.md
+bench: setup
+	$(PY) bench/serve_bench.py --output docs/benchmarks.md
+
 clean-models:
 	rm -rf models

