@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/compression_sweep.py                    # tiny.en and base, every setting
     .venv/bin/python bench/compression_sweep.py --models tiny.en   # one model
-    .venv/bin/python bench/compression_sweep.py --table-only       # rebuild docs from the cached results
-
 For each base model and setting it runs what `liteasr compress` runs (the command is recorded with the results),
-transcribes the dev clips of other voices and of the calibration voice, measures encoder latency at batch 1 and 8,
-then feeds the cached transcripts to `liteasr.evaluate.evaluate_models` (the code behind `liteasr eval`) for the
-tables and the Pareto plot. Every step is cached under --work, so an interrupted run resumes where it stopped.
-The table goes into docs/compression.md between the `sweep` markers; plots next to it.
+transcribes the dev clips of other voices and of the calibration voice, then measures encoder latency at batch 1
+and 8 with every model of the sweep loaded, in interleaved rounds (best of N: on a shared CPU the other tenants'
+load then hits every model alike), and feeds the transcripts to `liteasr.evaluate.evaluate_models` (the code
+behind `liteasr eval`) for its tables and Pareto plot. Every step is cached under --work, so an interrupted or
+repeated run only does what is missing. The table goes into docs/compression.md between the `sweep` markers,
+plots next to it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ SETTINGS = {
 }
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -96,8 +105,8 @@ def ensure_compressed(base: Path, out: Path, setting: Setting) -> dict:
     return json.loads(report_path.read_text())
 
 
-def ensure_transcripts(source: Path, clips, cache: Path, latency_repeats: int) -> dict:
-    """Transcripts of the clips and encoder latencies (batch 1 and 8) of one model, cached as JSON."""
+def ensure_transcripts(source: Path, clips, cache: Path) -> dict:
+    """Transcripts of the clips and the encoder size of one model, cached as JSON."""
     from liteasr.audio import load_audio
     from liteasr.engine import Engine
 
@@ -109,13 +118,10 @@ def ensure_transcripts(source: Path, clips, cache: Path, latency_repeats: int) -
     engine = Engine.load(source, device="cpu")
     started = time.perf_counter()
     texts = [t.text for t in engine.transcribe([load_audio(clip.audio) for clip in clips], batch_size=8)]
-    seconds = time.perf_counter() - started
-    latency = {str(b): engine.encoder_latency(batch_size=b, repeats=latency_repeats) for b in (1, 8)}
     data = {
         "ids": [clip.id for clip in clips],
         "texts": texts,
-        "transcribe_seconds": seconds,
-        "encoder_latency": latency,
+        "transcribe_seconds": time.perf_counter() - started,
         "encoder_parameters": engine.encoder_parameters,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -123,13 +129,35 @@ def ensure_transcripts(source: Path, clips, cache: Path, latency_repeats: int) -
     return data
 
 
+def ensure_latency(models: dict[str, Path], cache: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """Seconds per encoder pass over 30 s windows at batch 1 and 8, best of `rounds` interleaved rounds."""
+    from liteasr.engine import Engine
+
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if set(data) == set(models):
+            return data
+    log(f"encoder latency of {len(models)} models, {rounds} interleaved rounds")
+    engines = {name: Engine.load(path, device="cpu") for name, path in models.items()}
+    times: dict[str, dict[str, list[float]]] = {name: {"1": [], "8": []} for name in engines}
+    for _ in range(rounds):
+        for batch in (1, 8):
+            for name, engine in engines.items():
+                times[name][str(batch)].append(engine.encoder_latency(batch_size=batch, repeats=1))
+    data = {
+        name: {batch: min(values) for batch, values in by_batch.items()} for name, by_batch in times.items()
+    }
+    cache.write_text(json.dumps(data, indent=1))
+    return data
+
+
 class ReplayEngine:
     """Cached transcripts behind the interface `evaluate_models` expects (the code behind `liteasr eval`)."""
 
-    def __init__(self, name: str, data: dict, clips) -> None:
+    def __init__(self, name: str, data: dict, latency: float, clips) -> None:
         self.name = name
         self.encoder_parameters = data["encoder_parameters"]
-        self._latency = data["encoder_latency"]["1"]
+        self._latency = latency
         texts = dict(zip(data["ids"], data["texts"], strict=True))
         self._queue = [texts[clip.id] for clip in clips]  # evaluate_models transcribes the clips in order
 
@@ -141,7 +169,7 @@ class ReplayEngine:
         return self._latency
 
 
-def sweep(model: str, work: Path, other_clips, own_clips, latency_repeats: int) -> dict:
+def sweep(model: str, work: Path, other_clips, own_clips, latency_rounds: int) -> dict:
     from liteasr.evaluate import evaluate_models
 
     base = ensure_base(model, work)
@@ -152,13 +180,14 @@ def sweep(model: str, work: Path, other_clips, own_clips, latency_repeats: int) 
     ]
     for name, setting, path in entries:
         report = None if setting is None else ensure_compressed(base, path, setting)
-        data = ensure_transcripts(
-            path, other_clips + own_clips, root / "transcripts" / f"{name}.json", latency_repeats
-        )
+        data = ensure_transcripts(path, other_clips + own_clips, root / "transcripts" / f"{name}.json")
         rows.append((name, setting, path, report, data))
+    latency = ensure_latency(
+        {name: path for name, _, path, _, _ in rows}, root / "latency.json", latency_rounds
+    )
 
     results = {}
-    engines = {str(path): (name, data) for name, _, path, _, data in rows}
+    engines = {str(path): (name, data, latency[name]["1"]) for name, _, path, _, data in rows}
     for group, clips in (("other voices", other_clips), ("calibration voice", own_clips)):
         report = evaluate_models(
             list(engines),
@@ -169,11 +198,13 @@ def sweep(model: str, work: Path, other_clips, own_clips, latency_repeats: int) 
         )
         results[group] = {m.name: m for m in report.models}
         shutil.copyfile(report.pareto_png, DOC.parent / f"compression-{model}-{group.split()[0]}-pareto.png")
-    return {"model": model, "base": base, "rows": rows, "results": results}
+    return {"model": model, "base": base, "rows": rows, "results": results, "latency": latency}
 
 
 def table(sweep_result: dict) -> str:
-    model, base, rows, results = (sweep_result[k] for k in ("model", "base", "rows", "results"))
+    model, base, rows, results, latency = (
+        sweep_result[k] for k in ("model", "base", "rows", "results", "latency")
+    )
     other, own = results["other voices"], results["calibration voice"]
     first = next(iter(other.values()))
     n_other, n_own = len(first.clips), len(next(iter(own.values())).clips)
@@ -197,7 +228,7 @@ def table(sweep_result: dict) -> str:
         lines.append(
             f"| {label} | {data['encoder_parameters'] / 1e6:.2f} | "
             f"{1 - data['encoder_parameters'] / original_params:.1%} | {flops / 1e9:.1f} | "
-            f"{data['encoder_latency']['1'] * 1000:.0f} | {data['encoder_latency']['8'] * 1000:.0f} | "
+            f"{latency[name]['1'] * 1000:.0f} | {latency[name]['8'] * 1000:.0f} | "
             f"{o.corpus_wer * 100:.2f} / {o.mean_utterance_wer * 100:.2f} | "
             f"{c.corpus_wer * 100:.2f} / {c.mean_utterance_wer * 100:.2f} |"
         )
@@ -249,7 +280,7 @@ def main() -> None:
         help="checkpoints and caches (git-ignored)",
     )
     parser.add_argument("--own-clips", type=int, default=48, help="dev clips of the calibration voice")
-    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--latency-rounds", type=int, default=5, help="interleaved latency rounds (best of)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,12 +292,12 @@ def main() -> None:
     own = read_manifest(MANIFEST, split="dev", speakers=[CALIBRATION_SPEAKER], max_clips=args.own_clips)
     sections = []
     for model in args.models:
-        result = sweep(model, args.work, other, own, args.latency_repeats)
+        result = sweep(model, args.work, other, own, args.latency_rounds)
         sections.append(table(result))
         log(f"{model} done")
     environment = (
-        f"Measured on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, float32, greedy decoding with the engine's loop guard."
+        f"Measured on {cpu_name()} ({args.threads} threads of a CPU shared with other jobs), "
+        f"torch {torch.__version__}, float32, greedy decoding with the engine's loop guard."
     )
     block = "\n".join([environment, "", *sections])
     text = DOC.read_text()

@@ -54,7 +54,7 @@ def extractor() -> WhisperFeatureExtractor:
 
 
 @pytest.fixture
-def base_dir(whisper, extractor, tmp_path):
+def random_dir(whisper, extractor, tmp_path):
     path = tmp_path / "base"
     whisper.save_pretrained(path)
     extractor.save_pretrained(path)
@@ -305,9 +305,11 @@ def test_full_energy_keeps_every_map_dense_and_the_outputs_equal(whisper, extrac
         assert torch.equal(lite.model.encoder(features)[0], whisper.model.encoder(features)[0])
 
 
-def test_same_inputs_give_the_same_checkpoint(base_dir, tmp_path):
+def test_same_inputs_give_the_same_checkpoint(random_dir, tmp_path):
     options = CompressOptions(thresholds={"q_proj": 0.6, "v_proj": 0.6, "fc1": 0.6, "fc2": 0.6})
-    reports = [compress_checkpoint(base_dir, tmp_path / name, noise_clips(3), options) for name in ("a", "b")]
+    reports = [
+        compress_checkpoint(random_dir, tmp_path / name, noise_clips(3), options) for name in ("a", "b")
+    ]
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert reports[0].layers == reports[1].layers
@@ -315,9 +317,9 @@ def test_same_inputs_give_the_same_checkpoint(base_dir, tmp_path):
     assert "model.encoder.layers.0.self_attn.q_proj.weight1" in names
 
 
-def test_checkpoint_holds_the_model_processor_generation_config_and_report(base_dir, tmp_path):
+def test_checkpoint_holds_the_model_processor_generation_config_and_report(random_dir, tmp_path):
     out = tmp_path / "lite"
-    report = compress_checkpoint(base_dir, out, noise_clips(2), CompressOptions(thresholds={"fc1": 0.5}))
+    report = compress_checkpoint(random_dir, out, noise_clips(2), CompressOptions(thresholds={"fc1": 0.5}))
     for name in (
         "config.json",
         "model.safetensors",
@@ -329,10 +331,10 @@ def test_checkpoint_holds_the_model_processor_generation_config_and_report(base_
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "generation_config.json").read_text()) == json.loads(
-        (base_dir / "generation_config.json").read_text()
+        (random_dir / "generation_config.json").read_text()
     )
     saved = json.loads((out / "compression_report.json").read_text())
-    assert saved["method"] == CompressOptions().method and saved["base"] == str(base_dir)
+    assert saved["method"] == CompressOptions().method and saved["base"] == str(random_dir)
     assert (
         saved["layers"][0]["fc1"] == report.layers[0]["fc1"].rank and saved["layers"][0]["q_proj"] == "dense"
     )
@@ -341,7 +343,7 @@ def test_checkpoint_holds_the_model_processor_generation_config_and_report(base_
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_cli_compress_writes_a_checkpoint(base_dir, tmp_path, capsys):
+def test_cli_compress_writes_a_checkpoint(random_dir, tmp_path, capsys):
     manifest = tmp_path / "manifest.jsonl"
     rows = [json.loads(line) for line in MANIFEST.read_text().splitlines()[:3]]
     for row in rows:
@@ -350,7 +352,7 @@ def test_cli_compress_writes_a_checkpoint(base_dir, tmp_path, capsys):
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "lite"
     code = main(
-        ["compress", str(base_dir), str(out), "--calibration", str(manifest), "--threshold", "fc2=0.5"]
+        ["compress", str(random_dir), str(out), "--calibration", str(manifest), "--threshold", "fc2=0.5"]
     )
     assert code == 0
     assert "fewer" in capsys.readouterr().out
@@ -358,7 +360,7 @@ def test_cli_compress_writes_a_checkpoint(base_dir, tmp_path, capsys):
     assert report["clips"] == 3 and report["options"]["thresholds"] == {"fc2": 0.5}
 
     assert (
-        main(["compress", str(base_dir), str(out), "--calibration", str(manifest), "--threshold", "x"]) == 1
+        main(["compress", str(random_dir), str(out), "--calibration", str(manifest), "--threshold", "x"]) == 1
     )
     assert "ATTN:MLP" in capsys.readouterr().err
 
@@ -366,12 +368,9 @@ def test_cli_compress_writes_a_checkpoint(base_dir, tmp_path, capsys):
 # -- the real tiny.en -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.real
-@pytest.mark.xfail(
-    reason="issue 3 target not met yet: the default setting measured +2.1 points (24 clips) and +4.2 (64 clips)",
-    strict=False,
-)
-def test_compressed_tiny_en_keeps_accuracy_on_other_voices(tiny_en_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_en_other_voices(tiny_en_dir, tmp_path_factory):
+    """tiny.en compressed with the default setting; WER of it and of the original on other voices' dev clips."""
     from transformers import WhisperProcessor
 
     from liteasr.audio import load_audio
@@ -381,20 +380,36 @@ def test_compressed_tiny_en_keeps_accuracy_on_other_voices(tiny_en_dir, tmp_path
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     calibration = read_manifest(MANIFEST, split="calib")
-    out = tmp_path / "lite-tiny.en"
-    report = compress_checkpoint(tiny_en_dir, out, calibration, CompressOptions(max_clips=24))
-    assert report.clips == 24
-    assert report.encoder_parameters_after < report.encoder_parameters_before
-
+    out = tmp_path_factory.mktemp("compressed") / "lite-tiny.en"
+    report = compress_checkpoint(tiny_en_dir, out, calibration, CompressOptions())
     others = read_manifest(MANIFEST, split="dev", exclude_speakers=[CALIBRATION_SPEAKER])
     audios = [load_audio(clip.audio) for clip in others]
     processor = WhisperProcessor.from_pretrained(tiny_en_dir)
-    wer = {}
+    scores = {}
     for name, source in (("base", tiny_en_dir), ("lite", out)):
         engine = Engine(load_model(source), processor, name=name)
         texts = [t.text for t in engine.transcribe(audios, batch_size=len(audios))]
-        wer[name] = wer_scores([clip.text for clip in others], texts).mean_utterance_wer
-    assert wer["lite"] <= wer["base"] + 0.02, wer
+        scores[name] = wer_scores([clip.text for clip in others], texts)
+    return report, scores
+
+
+@pytest.mark.real
+def test_compressed_tiny_en_keeps_wer_on_other_voices(tiny_en_other_voices):
+    """Issue 3's target: >= 10% fewer encoder parameters for at most +2 points on voices outside the calibration.
+
+    Both WERs are checked. The capped per-utterance mean is the issue's measure but it is coarse: 7 of the 16 clips
+    have 1 to 4 words, so one wrong word there moves it by 2 to 6 points (measured here: +1.6, from one word; with 24
+    calibration clips instead of the default 64, +6.2, also from one word, while corpus WER moved +1.4).
+    """
+    report, scores = tiny_en_other_voices
+    assert report.clips == CompressOptions().max_clips >= 20
+    assert report.parameter_reduction >= 0.10, report.parameter_reduction
+    base, lite = scores["base"], scores["lite"]
+    assert lite.corpus_wer <= base.corpus_wer + 0.02, (base.corpus_wer, lite.corpus_wer)
+    assert lite.mean_utterance_wer <= base.mean_utterance_wer + 0.02, (
+        base.mean_utterance_wer,
+        lite.mean_utterance_wer,
+    )
 
 
 @pytest.mark.real
