@@ -1,7 +1,8 @@
 """`python -m app`: serve with uvicorn, configured from the `LITEASR_` settings.
 
 On SIGTERM or Ctrl-C the service stops admitting at once (503 `shutting_down`), uvicorn waits up to
-`LITEASR_SHUTDOWN_GRACE_S` for open requests, the lifespan drains the batcher, and the process exits 0.
+`LITEASR_SHUTDOWN_GRACE_S` for open requests, the lifespan drains the batcher, and the process exits 0. After a
+fatal fault (the batch worker died) it exits 1, for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -31,6 +33,13 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.app = app
+        self.exit_code = 0
+        app.state.request_exit = self.request_exit
+
+    def request_exit(self, code: int) -> None:
+        """Stop serving and exit with `code` (1 after a fatal fault: the supervisor restarts the process)."""
+        self.exit_code = code
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         begin_shutdown(self.app)
@@ -63,7 +72,9 @@ def main() -> None:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         lifespan="on",
     )
-    _Server(config, app).run()
+    server = _Server(config, app)
+    server.run()
+    sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

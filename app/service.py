@@ -1,27 +1,45 @@
-"""The served model's life (loading, ready, failed, stopping) and one transcription from upload to `Outcome`.
+"""The served model's life (loading, ready, failed, stopping, hot swaps) and one transcription from upload to
+`Outcome`.
 
 Loading runs in a worker thread started by the lifespan, which returns at once: the server answers `/healthz`
 and `/readyz` (503) while the model loads, instead of refusing connections. Every step after admission runs
 against the request's deadline (`request_timeout_s` from admission) and, once the body is read, against the
 client's disconnect: whichever comes first ends the request and drops its queued windows.
+
+`activate(name)` loads another model from `MODELS_DIR` beside the served one and swaps it in through the batcher:
+requests admitted before the swap finish on the old model, and the old model is let go once the last of them is
+answered. A model that fails to load changes nothing. The swap lasts until restart; `LITEASR_MODEL` says what a
+fresh process serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Literal, TypeVar
 
+import torch
 from starlette.requests import Request
 from starlette.types import Receive
 
 from app.batching import Batcher, Ticket
 from app.config import Settings
-from app.errors import ClientGone, NotReady, RequestTimedOut, ServiceError, ShuttingDown
+from app.errors import (
+    ActivationFailed,
+    ClientGone,
+    Conflict,
+    NotReady,
+    RequestTimedOut,
+    ServiceError,
+    ShuttingDown,
+)
 from app.formats import Outcome
 from app.metrics import Metrics
+from app.registry import ModelRegistry
 from app.schemas import Timings
 from app.uploads import Upload, read_upload
 from liteasr.audio import SAMPLE_RATE, decode_audio
@@ -41,12 +59,18 @@ class Service:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.registry = ModelRegistry(settings.models_dir)
         self.model_name = settings.model_name
+        model_dir = Path(settings.model)
+        self.model_path: Path | None = model_dir.resolve() if model_dir.is_dir() else None
         self.created = int(time.time())
         self.status: Status = "loading"
-        self.engine: Engine | None = None
+        self.failure: str | None = None  # why status is "failed"
+        self.on_fatal: Callable[[], None] | None = None  # ends the process when serving cannot go on
         self.batcher: Batcher | None = None
         self._loader: asyncio.Task | None = None
+        self._activating = False
+        self._releases: set[asyncio.Task] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -57,15 +81,14 @@ class Service:
     async def _load(self) -> None:
         started = time.perf_counter()
         try:
-            engine = await asyncio.to_thread(self._load_engine)
+            engine = await asyncio.to_thread(self._load_engine, self.settings.model, self.model_name)
         except Exception:
             logger.exception("the model %s failed to load", self.settings.model)
-            self.status = "failed"
+            self.status, self.failure = "failed", "the model failed to load; see the server log"
             return
         if self.status == "stopping":
             return
         s = self.settings
-        self.engine = engine
         self.batcher = Batcher(
             engine,
             self.metrics,
@@ -74,16 +97,8 @@ class Service:
             max_queue=s.max_queue,
             retry_after_max_s=s.retry_after_max_s,
         )
-        self.batcher.start()
-        self.metrics.model_info.info(
-            {
-                "model": self.model_name,
-                "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch."),
-                "encoder_parameters": str(engine.encoder_parameters),
-                "multilingual": str(engine.is_multilingual).lower(),
-            }
-        )
+        self.batcher.start(on_death=self._worker_died)
+        self._describe(engine)
         if engine.device.type == "cuda":
             self.metrics.watch_gpu(engine.device)
         seconds = time.perf_counter() - started
@@ -98,13 +113,86 @@ class Service:
             seconds,
         )
 
-    def _load_engine(self) -> Engine:
-        engine = Engine.load(
-            self.settings.model, device=self.settings.device, cache_dir=self.settings.cache_dir
-        )
+    def _load_engine(self, source: str | Path, name: str) -> Engine:
+        engine = Engine.load(source, device=self.settings.device, cache_dir=self.settings.cache_dir)
+        engine.name = name
         if self.settings.warmup:
             engine.warmup()
         return engine
+
+    def _describe(self, engine: Engine) -> None:
+        self.metrics.model_info.info(
+            {
+                "model": engine.name,
+                "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "encoder_parameters": str(engine.encoder_parameters),
+                "multilingual": str(engine.is_multilingual).lower(),
+            }
+        )
+        self.metrics.models_loaded.set(self.batcher.engines_loaded if self.batcher else 1)
+
+    async def activate(self, name: str) -> tuple[str, float]:
+        """Serve the model `MODELS_DIR/<name>` from now on; returns (previous name, load seconds).
+
+        404 for an unknown name, 409 while another activation runs, 422 if it fails to load (nothing changes).
+        """
+        entry = self.registry.get(name)
+        if self.status != "ready" or self.batcher is None:
+            raise NotReady(f"cannot activate a model while the service is {self.status}", retry_after=5)
+        if self._activating:
+            raise Conflict("another model activation is under way", code="activation_in_progress")
+        self._activating = True
+        try:
+            started = time.perf_counter()
+            try:
+                engine = await asyncio.to_thread(self._load_engine, entry.path, name)
+            except Exception as error:
+                self.metrics.model_activations.labels("failed").inc()
+                logger.exception("model %s failed to load; %s keeps serving", name, self.model_name)
+                reason = self.registry.redact(str(error) or type(error).__name__, self.settings.cache_dir)
+                raise ActivationFailed(
+                    f"model {name!r} failed to load ({reason[:500]}); {self.model_name!r} keeps serving"
+                ) from None
+            if self.status != "ready":
+                raise ShuttingDown("the server is shutting down", retry_after=self.settings.retry_after_max_s)
+            seconds = time.perf_counter() - started
+            retired = self.batcher.swap(engine)
+            previous, self.model_name = self.model_name, name
+            self.model_path, self.created = entry.path, entry.created
+            self._describe(engine)
+            self.metrics.model_activations.labels("succeeded").inc()
+            release = asyncio.create_task(self._release(retired, previous))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
+            logger.info("now serving %s (was %s), loaded in %.1f s", name, previous, seconds)
+            return previous, seconds
+        finally:
+            self._activating = False
+
+    async def _release(self, retired: asyncio.Event, name: str) -> None:
+        """Once the swapped-out model has answered its last request, give its memory back."""
+        await retired.wait()
+        await asyncio.to_thread(gc.collect)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.batcher is not None:
+            self.metrics.models_loaded.set(self.batcher.engines_loaded)
+        logger.info("released model %s", name)
+
+    def models(self) -> list[tuple[str, int, bool]]:
+        """(name, created, active) of the served model, then of the other models in `MODELS_DIR`."""
+        listed = [(self.model_name, self.created, True)]
+        listed += [(e.name, e.created, False) for e in self.registry.list() if e.path != self.model_path]
+        return listed
+
+    def _worker_died(self, error: BaseException) -> None:
+        """The batch worker cannot be revived in place: fail readiness and liveness and end the process, so its
+        supervisor starts a fresh one instead of a server that admits requests it can never answer."""
+        self.status, self.failure = "failed", f"the batch worker died ({type(error).__name__}); restarting"
+        self.metrics.ready.set(0)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests (503) from now on; admitted ones go on."""
@@ -124,7 +212,7 @@ class Service:
 
     def liveness(self) -> tuple[bool, str]:
         if self.status == "failed":
-            return False, "the model failed to load; see the server log"
+            return False, self.failure or "failed"
         if self.batcher is not None and not self.batcher.alive and self.status == "ready":
             return False, "the batch worker stopped"
         return True, "ok"
@@ -136,7 +224,7 @@ class Service:
         if self.status == "stopping":
             raise ShuttingDown("the server is shutting down", retry_after=self.settings.retry_after_max_s)
         if self.status == "failed":
-            raise NotReady("the model failed to load", retry_after=self.settings.retry_after_max_s)
+            raise NotReady(self.failure or "failed", retry_after=self.settings.retry_after_max_s)
         if self.batcher is None:
             raise NotReady("the model is still loading", retry_after=5)
         return self.batcher.admit()
@@ -151,10 +239,11 @@ class Service:
         except asyncio.TimeoutError:
             raise self._timed_out() from None
 
-    def check_options(self, options: DecodeOptions) -> None:
-        """InvalidOptionError (400) when the model cannot honour `options`; runs before the audio is decoded."""
+    def check_options(self, ticket: Ticket, options: DecodeOptions) -> None:
+        """InvalidOptionError (400) when the ticket's model cannot honour `options`; runs before the audio is
+        decoded."""
         assert self.batcher is not None
-        self.batcher.check_options(options)
+        self.batcher.check_options(options, ticket.engine)
 
     async def transcribe(
         self, ticket: Ticket, request: Request, data: bytes, options: DecodeOptions
@@ -175,8 +264,8 @@ class Service:
                 timings = Timings(
                     queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
                 )
-                return Outcome(transcription, self.model_name, options.task, timings)
-            job = self.batcher.submit([window.samples for window in windows], options)
+                return Outcome(transcription, ticket.engine.name, options.task, timings)
+            job = self.batcher.submit([window.samples for window in windows], options, ticket.engine)
             try:
                 outcomes = await self._until(job.results(), deadline, watcher)
             except ServiceError as error:
@@ -200,7 +289,7 @@ class Service:
             decode_s=round(decode_s, 4),
             total_s=round(time.monotonic() - ticket.admitted_at, 4),
         )
-        return Outcome(transcription, self.model_name, options.task, timings)
+        return Outcome(transcription, ticket.engine.name, options.task, timings)
 
     def _decode(self, data: bytes) -> tuple[float, list[Window]]:
         """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file)."""

@@ -8,9 +8,11 @@ model, CUDA out-of-memory) happen on demand and records every call. Each window 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -30,6 +32,8 @@ OPTIONS = DecodeOptions()
 
 class FakeEngine:
     """Text of a window = its id; id < 0 raises; batches larger than `oom_above` raise CUDA OOM."""
+
+    name = "fake"
 
     def __init__(self, *, delay: float = 0.0, oom_above: int | None = None) -> None:
         self.delay = delay
@@ -239,6 +243,43 @@ def test_close_finishes_admitted_requests_first():
     asyncio.run(main())
 
 
+def test_a_swap_keeps_admitted_requests_on_the_old_engine_then_lets_it_go():
+    async def main():
+        old, new = FakeEngine(), FakeEngine()
+        old.gate.clear()  # the old engine is busy when the swap comes
+        batcher, _ = make(old, max_batch_size=4, max_wait_s=0.0)
+        before = batcher.admit()
+        job_before = batcher.submit([window(1)], OPTIONS, before.engine)
+        queued_before = batcher.admit()  # admitted before the swap, its audio arrives after it
+        await asyncio.sleep(0.05)
+
+        retired = batcher.swap(new)
+        after = batcher.admit()
+        assert (before.engine, queued_before.engine, after.engine) == (old, old, new)
+        job_queued = batcher.submit([window(2)], OPTIONS, queued_before.engine)
+        job_after = batcher.submit([window(3)], OPTIONS, after.engine)
+        assert batcher.engines_loaded == 2
+        old.gate.set()
+        assert [texts(await j.results()) for j in (job_before, job_queued, job_after)] == [["1"], ["2"], ["3"]]
+        assert old.calls == [[1], [2]] and new.calls == [[3]]  # a batch never mixes engines
+
+        before.release()
+        assert not retired.is_set()  # one request admitted before the swap is still open
+        queued_before.release()
+        await asyncio.wait_for(retired.wait(), 1)
+        assert batcher.engines_loaded == 1
+        gone = weakref.ref(old)
+        del old, before, queued_before, job_before, job_queued
+        gc.collect()
+        assert gone() is None, "the batcher still holds the swapped-out engine"
+        with pytest.raises(ValueError):
+            batcher.swap(new)
+        after.release()
+        await batcher.close(1)
+
+    asyncio.run(main())
+
+
 # -- the service's deadline and disconnect handling ----------------------------------------------------------
 
 
@@ -303,5 +344,39 @@ def test_the_service_answers_with_timings():
         with pytest.raises(ShuttingDown):
             service.admit()
         await service.stop(grace_s=1)
+
+    asyncio.run(main())
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: nothing in the batcher catches it, so it kills the consumer task."""
+
+
+def test_a_dead_batch_worker_fails_waiting_requests_readiness_and_ends_the_process():
+    async def main():
+        engine = FakeEngine()
+        service = Service(Settings(max_batch_size=1, max_batch_wait_ms=0), Metrics(1))
+        service.batcher = Batcher(engine, service.metrics, max_batch_size=1, max_wait_s=0.0)
+        fatal = asyncio.Event()
+        service.on_fatal = fatal.set
+        service.batcher.start(on_death=service._worker_died)
+        service.status = "ready"
+        assert texts(await service.batcher.submit([window(1)], OPTIONS).results()) == ["1"]
+
+        def die(windows, options):
+            raise WorkerKilled
+
+        engine.transcribe_windows = die
+        running = service.batcher.submit([window(2)], OPTIONS)
+        queued = service.batcher.submit([window(3)], OPTIONS)
+        await asyncio.wait_for(fatal.wait(), 2)  # on_fatal: `python -m app` exits 1 here
+        for job in (running, queued):
+            with pytest.raises(TranscriptionFailed, match="batch worker"):
+                await asyncio.wait_for(job.results(), 2)  # failed, not left hanging
+        assert service.liveness()[0] is False and service.status == "failed"
+        assert "batch worker died" in service.failure
+        assert sample(service.metrics, "liteasr_ready") == 0
+        with pytest.raises(ShuttingDown):
+            service.batcher.admit()
 
     asyncio.run(main())

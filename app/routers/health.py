@@ -18,7 +18,7 @@ _UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not live / not rea
 @router.get("/healthz", summary="Liveness", responses=_UNAVAILABLE)
 async def healthz(service: ServiceDep) -> Response:
     """200 while the process can serve (also while loading); 503 if the model failed to load or the batch
-    worker died, so an orchestrator restarts it."""
+    worker died (the process then exits by itself), so an orchestrator restarts it."""
     live, message = service.liveness()
     if not live:
         return error_response(503, message, "unavailable_error", "not_live")
@@ -29,12 +29,9 @@ async def healthz(service: ServiceDep) -> Response:
 async def readyz(service: ServiceDep) -> Response:
     """200 once the model is loaded and warmed; 503 before, after a failed load, and while shutting down."""
     if service.status != "ready":
-        messages = {
-            "loading": "the model is still loading",
-            "failed": "the model failed to load; see the server log",
-            "stopping": "the server is shutting down",
-        }
-        return error_response(503, messages[service.status], "unavailable_error", "not_ready")
+        messages = {"loading": "the model is still loading", "stopping": "the server is shutting down"}
+        message = service.failure if service.status == "failed" else messages[service.status]
+        return error_response(503, message or "not ready", "unavailable_error", "not_ready")
     return JSONResponse({"status": "ready", "model": service.model_name})
 
 

@@ -1,8 +1,8 @@
 """OpenAI's audio API: `POST /v1/audio/transcriptions`, `POST /v1/audio/translations`, `GET /v1/models`.
 
-`model`, `prompt` and `temperature` are accepted and ignored (one model is served; the engine neither conditions on
-a prompt nor samples at a client's temperature: it decodes greedily and falls back to higher temperatures on its own
-when a window loops). `timestamp_granularities[]=word` and `stream=true` are refused with 400.
+`model`, `prompt` and `temperature` are accepted and ignored (one model is served at a time; the engine neither
+conditions on a prompt nor samples at a client's temperature: it decodes greedily and falls back to higher
+temperatures on its own when a window loops). `timestamp_granularities[]=word` and `stream=true` are refused with 400.
 """
 
 from __future__ import annotations
@@ -50,18 +50,24 @@ async def translations(request: Request, service: ServiceDep) -> Response:
     return await _handle(request, service, "translate")
 
 
-@router.get("/models", summary="The served model", response_model=ModelList)
+@router.get(
+    "/models", summary="The served model and the others in LITEASR_MODELS_DIR", response_model=ModelList
+)
 async def list_models(service: ServiceDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=service.model_name, created=service.created)])
+    """The served model first (`active: true`), then the models an admin can activate."""
+    return ModelList(data=[_card(*model) for model in service.models()])
 
 
 @router.get("/models/{model_id}", summary="One model", response_model=ModelCard)
 async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
-    if model_id != service.model_name:
-        raise ModelNotFound(
-            f"model {model_id!r} is not served here; this server serves {service.model_name!r}"
-        )
-    return ModelCard(id=service.model_name, created=service.created)
+    for model in service.models():
+        if model[0] == model_id:
+            return _card(*model)
+    raise ModelNotFound(f"no model {model_id!r}; this server serves {service.model_name!r}")
+
+
+def _card(name: str, created: int, active: bool) -> ModelCard:
+    return ModelCard(id=name, created=created, active=active)
 
 
 async def _handle(
@@ -80,6 +86,6 @@ async def _handle(
         options = DecodeOptions(
             language=form.language, task=task, timestamps=form.response_format in TIMED_FORMATS
         )
-        service.check_options(options)
+        service.check_options(ticket, options)
         outcome = await service.transcribe(ticket, request, upload.audio, options)
     return render(outcome, form.response_format, openai=True)

@@ -25,6 +25,6 @@ async def transcribe(request: Request, service: ServiceDep) -> Response:
         upload = await service.read_upload(ticket, request)
         form = TranscribeForm.parse(upload)
         options = form.decode_options()
-        service.check_options(options)
+        service.check_options(ticket, options)
         outcome = await service.transcribe(ticket, request, upload.audio, options)
     return render(outcome, form.response_format, segments=form.timestamps)
