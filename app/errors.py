@@ -65,10 +65,12 @@ class ServiceError(Exception):
     code: str = "internal_error"
     reason: str | None = None  # label of liteasr_requests_rejected_total, when it counts as a rejection
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        if code is not None:  # a finer cause than the class's own
+            self.code = code
 
 
 class QueueFull(ServiceError):
@@ -136,11 +138,7 @@ class Forbidden(ServiceError):
 class NotFound(ServiceError):
     """A job or a model that does not exist; `code` says which."""
 
-    status, type = 404, INVALID
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    status, type, code = 404, INVALID, "not_found"
 
 
 class InvalidPath(ServiceError):
@@ -150,11 +148,9 @@ class InvalidPath(ServiceError):
 
 
 class Conflict(ServiceError):
-    status, type = 409, INVALID
+    """A name that exists, a job that already ended, an activation under way; `code` says which."""
 
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    status, type, code = 409, INVALID, "conflict"
 
 
 class ActivationFailed(ServiceError):

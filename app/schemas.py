@@ -214,17 +214,21 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-TRANSCRIPTION_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
+def _error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, each in the one error shape."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}
+
+
+TRANSCRIPTION_ERRORS = _error_responses(
+    {
         400: "An option the model cannot honour, or a malformed form.",
         413: "Upload over LITEASR_MAX_UPLOAD_MB, or audio over LITEASR_MAX_AUDIO_SECONDS.",
         415: "The file is not audio we can decode, or the body is not multipart/form-data.",
         422: "A field fails validation.",
         503: "Queue full, model loading, or shutting down (with Retry-After).",
         504: "No answer within LITEASR_REQUEST_TIMEOUT_S.",
-    }.items()
-}
+    }
+)
 
 
 # -- admin API ----------------------------------------------------------------------------------------------
@@ -336,14 +340,13 @@ class ActivationOut(BaseModel):
     load_seconds: float
 
 
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
+ADMIN_ERRORS = _error_responses(
+    {
         400: "A path that leaves its folder, an invalid name, or a manifest that cannot be used.",
         401: "No `Authorization: Bearer` token.",
         403: "Wrong token.",
         404: "The admin API is off (no LITEASR_ADMIN_TOKEN), or no such job or model.",
         409: "The name exists, the job already ended, or another activation is under way.",
         422: "A field fails validation, or the model to activate failed to load (the old one keeps serving).",
-    }.items()
-}
+    }
+)
