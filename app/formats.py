@@ -41,7 +41,11 @@ def render(
         return PlainTextResponse(vtt(segments_out(t)), media_type="text/vtt")
     if response_format == "verbose_json":
         body = VerboseTranscription(
-            task=outcome.task, language=t.language, duration=t.duration, text=t.text, segments=segments_out(t)
+            task=outcome.task,
+            language=t.language,
+            duration=round(t.duration, 3),
+            text=t.text,
+            segments=segments_out(t),
         ).model_dump()
         if not openai:
             body.update(model=outcome.model, windows=t.windows, timings=outcome.timings.model_dump())
@@ -52,7 +56,7 @@ def render(
         TranscriptionOut(
             text=t.text,
             language=t.language,
-            duration=t.duration,
+            duration=round(t.duration, 3),
             model=outcome.model,
             windows=t.windows,
             segments=segments_out(t) if segments else None,

@@ -8,6 +8,7 @@ the bytes anyway). A `Content-Length` over the limit is refused before a byte of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,9 +20,19 @@ from app.errors import ClientGone, UploadInvalid, UploadTooLarge
 
 __all__ = ["FORM_OVERHEAD_BYTES", "Upload", "check_content_length", "read_upload"]
 
+# python-multipart logs a warning for every malformed body it parses: one log line per bad request, which any
+# client can trigger at will. The request is answered with 400 and counted (liteasr_requests_rejected_total).
+logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
+
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the other form fields and the part headers
 MAX_FIELD_BYTES = 16 * 1024
+MAX_PART_HEADER_BYTES = 16 * 1024  # all the header lines of one part together
 MAX_PARTS = 64
+# python-multipart's own limits on part headers (per line, per part): its messages, said for a client.
+_PARSER_LIMIT_MESSAGES = {
+    "Maximum header size exceeded": "a form part has a header line that is too long",
+    "Maximum header count exceeded": "a form part has too many header lines",
+}
 
 
 @dataclass
@@ -77,8 +88,12 @@ async def read_upload(request: Request, *, max_bytes: int, file_field: str = "fi
         parser.finalize()
     except ClientDisconnect:
         raise ClientGone("the client closed the connection during the upload") from None
-    except MultipartParseError:
-        raise UploadInvalid("the multipart/form-data body is malformed") from None
+    except MultipartParseError as error:
+        message = _PARSER_LIMIT_MESSAGES.get(str(error), "the multipart/form-data body is malformed")
+        raise UploadInvalid(message) from None
+    if not collector.complete:
+        # Without this, a body cut short would hand on a half-received (often empty) file part.
+        raise UploadInvalid("the multipart/form-data body ends before its closing boundary")
     upload = collector.upload
     if not upload.has_file:
         raise UploadInvalid(f"the form has no `{file_field}` part with the audio", code="missing_file")
@@ -101,6 +116,8 @@ class _PartCollector:
         self._data = bytearray()
         self._file = bytearray()
         self._parts = 0
+        self._header_bytes = 0
+        self.complete = False  # the closing boundary was seen
 
     def callbacks(self) -> dict[str, Callable]:
         return {
@@ -111,6 +128,7 @@ class _PartCollector:
             "on_header_value": self.on_header_value,
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
         }
 
     def on_part_begin(self) -> None:
@@ -119,11 +137,21 @@ class _PartCollector:
             raise UploadInvalid(f"the form has more than {MAX_PARTS} parts")
         self._disposition, self._name, self._is_file, self._ignored = b"", "", False, False
         self._data = bytearray()
+        self._header_bytes = 0
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise UploadInvalid(
+                f"the headers of a form part are longer than {MAX_PART_HEADER_BYTES // 1024} KiB"
+            )
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_value += data[start:end]
 
     def on_header_end(self) -> None:
@@ -154,6 +182,9 @@ class _PartCollector:
             self._data += data[start:end]
             if len(self._data) > MAX_FIELD_BYTES:
                 raise UploadInvalid(f"form field `{self._name}` is longer than {MAX_FIELD_BYTES // 1024} KiB")
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def on_part_end(self) -> None:
         if self._is_file:

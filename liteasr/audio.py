@@ -8,7 +8,8 @@ past the count the header gives. Every failure leaves as `AudioDecodeError` or `
 for a client.
 
 Samples are clipped to [-1, 1]: integer PCM already is, and for float files this is what openai-whisper's own
-ffmpeg -> s16le path does; it also keeps the log-mel power finite.
+ffmpeg -> s16le path does; it also keeps the log-mel power finite. They are clipped as read, before the mixdown and
+the resampler, and once more at the end (the resampler's filter can overshoot full scale slightly).
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ def _read_mono_16k(sound: sf.SoundFile, rate: int, channels: int) -> np.ndarray:
     pieces: list[np.ndarray] = []
     while True:
         block = sound.read(block_frames, dtype="float32", always_2d=True, out=buffer)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input is refused just below
-            mono = block[:, 0].copy() if channels == 1 else block.mean(axis=1, dtype=np.float32)
-        if not np.isfinite(mono).all():
+        if not np.isfinite(block).all():
             raise AudioDecodeError("the audio contains NaN or infinite samples")
+        # Clipped before the mixdown and the resampler: finite float samples near float32's maximum would
+        # overflow either of them into inf or NaN.
+        np.clip(block, -1.0, 1.0, out=block)
+        mono = block[:, 0].copy() if channels == 1 else block.mean(axis=1, dtype=np.float32)
         last = len(block) < block_frames
         pieces.append(mono if stream is None else stream.resample_chunk(mono, last=last))
         if last:
@@ -124,4 +127,6 @@ def _read_mono_16k(sound: sf.SoundFile, rate: int, channels: int) -> np.ndarray:
 def _open_error_message(error: sf.LibsndfileError) -> str:
     if error.code in (_SF_ERR_UNRECOGNISED_FORMAT, _SF_ERR_NOT_REGULAR_FILE):
         return "the data is not audio in a format we can read (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...)"
+    if "SF_INFO struct incomplete" in error.error_string:  # libsndfile: "Internal error" (e.g. a 0 Hz rate)
+        return "the audio file is malformed: its header gives no sample rate or no channel count"
     return f"the audio file is malformed or unsupported ({error.error_string.rstrip('.')})"

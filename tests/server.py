@@ -54,7 +54,9 @@ def serve(
     env = {key: value for key, value in os.environ.items() if not key.startswith("LITEASR_")}
     env.update({"LITEASR_HOST": "127.0.0.1", "LITEASR_PORT": str(port), "LITEASR_LOG_LEVEL": "info"})
     # Never the repository's own models/ and data/: a test sees only what it puts there.
-    env.update({"LITEASR_MODELS_DIR": str(log_path.parent / "models"), "LITEASR_DATA_DIR": str(log_path.parent)})
+    env.update(
+        {"LITEASR_MODELS_DIR": str(log_path.parent / "models"), "LITEASR_DATA_DIR": str(log_path.parent)}
+    )
     env.update(settings)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

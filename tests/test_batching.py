@@ -260,7 +260,8 @@ def test_a_swap_keeps_admitted_requests_on_the_old_engine_then_lets_it_go():
         job_after = batcher.submit([window(3)], OPTIONS, after.engine)
         assert batcher.engines_loaded == 2
         old.gate.set()
-        assert [texts(await j.results()) for j in (job_before, job_queued, job_after)] == [["1"], ["2"], ["3"]]
+        results = [texts(await j.results()) for j in (job_before, job_queued, job_after)]
+        assert results == [["1"], ["2"], ["3"]]
         assert old.calls == [[1], [2]] and new.calls == [[3]]  # a batch never mixes engines
 
         before.release()

@@ -453,7 +453,9 @@ def test_k8s_manifests_have_what_the_issue_asks():
     (container,) = pod["spec"]["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     admin = next(item for item in container["env"] if item["name"] == "LITEASR_ADMIN_TOKEN")
-    assert admin["valueFrom"]["secretKeyRef"]["optional"] is True  # from a Secret, never written in the manifest
+    assert (
+        admin["valueFrom"]["secretKeyRef"]["optional"] is True
+    )  # from a Secret, never written in the manifest
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
 
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
