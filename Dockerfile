@@ -67,6 +67,7 @@ RUN pip install --no-cache-dir /src && rm -rf /src
 COPY --from=model /models/lite-whisper-base /opt/liteasr/models/lite-whisper-base
 
 # Everything the service writes goes to /data or /tmp (Kubernetes mounts the root filesystem read-only).
+# MALLOC_ARENA_MAX=2: glibc's per-thread malloc arenas made RSS creep under mixed traffic (docs/reliability.md).
 ENV LITEASR_MODEL=/opt/liteasr/models/lite-whisper-base \
     LITEASR_HOST=0.0.0.0 \
     LITEASR_PORT=8000 \
@@ -76,6 +77,7 @@ ENV LITEASR_MODEL=/opt/liteasr/models/lite-whisper-base \
     HF_HOME=/data/cache/huggingface \
     MPLCONFIGDIR=/tmp/matplotlib \
     NUMBA_CACHE_DIR=/tmp/numba \
+    MALLOC_ARENA_MAX=2 \
     HOME=/home/liteasr
 
 # Numeric, so Kubernetes can check runAsNonRoot without reading /etc/passwd.

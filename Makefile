@@ -28,7 +28,7 @@ $(DEFAULT_MODEL)/config.json: $(DEFAULT_BASE)/config.json
 default-model: $(DEFAULT_MODEL)/config.json
 
 run: default-model
-	LITEASR_MODEL=$${LITEASR_MODEL:-$(DEFAULT_MODEL)} $(PY) -m app
+	LITEASR_MODEL=$${LITEASR_MODEL:-$(DEFAULT_MODEL)} MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(PY) -m app
 
 test: setup
 	$(PY) -m pytest -q
@@ -43,7 +43,7 @@ format: setup
 
 # Serving benchmark (not a test, minutes of CPU): service unbatched vs batched vs faster-whisper -> docs/benchmarks.md
 bench: setup
-	$(PY) bench/serve_bench.py --output docs/benchmarks.md
+	$(PY) bench/serve_bench.py --int8 --output docs/benchmarks.md
 
 clean-models:
 	rm -rf models

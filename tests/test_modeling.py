@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -30,6 +32,7 @@ from liteasr.modeling import (
     encoder_parameters,
     factorize_linear,
     load_model,
+    quantize_int8,
 )
 
 # The lite test model: every map kind is low-rank in one layer and dense in the other; k_proj gains a bias.
@@ -342,3 +345,21 @@ def test_encoder_parameters_count_like_the_paper(dense, lite):
         )
         with torch.device("meta"):
             assert encoder_parameters(WhisperForConditionalGeneration(config)) == expected
+
+
+def test_int8_quantization_covers_low_rank_factors_and_keeps_the_outputs(lite, features):
+    reference = logits(lite, features)
+    quantized = quantize_int8(copy.deepcopy(lite))
+    layer = quantized.model.encoder.layers[0]
+    assert not any(isinstance(m, LowRankLinear) for m in quantized.modules())
+    assert not any(type(m) is nn.Linear for m in quantized.modules())  # every linear map is int8 now
+    assert isinstance(layer.self_attn.q_proj, nn.Sequential)  # a factorized map: two int8 maps in a row
+    assert isinstance(layer.self_attn.q_proj[0], torch.ao.nn.quantized.dynamic.Linear)
+    similarity = F.cosine_similarity(logits(quantized, features).flatten(), reference.flatten(), dim=0)
+    assert similarity > 0.99, similarity
+
+
+def test_int8_quantization_is_for_the_cpu(lite):
+    lite.to("meta")
+    with pytest.raises(CheckpointError, match="CPU only"):
+        quantize_int8(lite)
