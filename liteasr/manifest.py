@@ -50,8 +50,10 @@ def read_manifest(
     manifest = Path(path)
     try:
         lines = manifest.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"cannot read manifest {manifest}: {e}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {manifest} is not UTF-8 text (one JSON object per line)") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {manifest}: {e.strerror or e}") from None
     splits = {split} if isinstance(split, str) else split
     clips: list[Clip] = []
     seen: set[str] = set()

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from conftest import SPEECH_DIR
 from fastapi.testclient import TestClient
+from helpers import JFK, assert_error_shape, scrape, value, words
 from server import serve
-from test_service import JFK, assert_error_shape, scrape, value, words
 
 from app.config import Settings
 from app.main import create_app

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from helpers import handmade_wav
 
 from liteasr.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, decode_audio, load_audio
 from liteasr.errors import AudioDecodeError, AudioError, AudioTooLongError
@@ -28,24 +29,6 @@ def encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
     return buffer.getvalue()
-
-
-def wav_bytes(
-    data: bytes,
-    *,
-    channels: int = 1,
-    rate: int = SAMPLE_RATE,
-    bits: int = 16,
-    tag: int = 1,
-    riff_size: int | None = None,
-    data_size: int | None = None,
-) -> bytes:
-    """A WAV file written by hand, so that its header can say things the data does not back."""
-    block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", tag, channels, rate, (rate * block) % 2**32, block, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"data" + struct.pack("<I", len(data) if data_size is None else data_size) + data
-    return b"RIFF" + struct.pack("<I", len(body) if riff_size is None else riff_size) + body
 
 
 def peak_frequency(audio: np.ndarray, rate: int = SAMPLE_RATE) -> float:
@@ -190,7 +173,7 @@ def test_riff_and_data_sizes_that_lie_still_read_the_samples_present():
     pcm = (np.arange(-500, 500) * 30).astype("<i2")
     expected = pcm / np.float32(32768)
     for riff_size, data_size in [(0xFFFFFFFF, 0xFFFFFFFF), (4, None), (None, 10**9), (10**9, 0)]:
-        audio = decode_audio(wav_bytes(pcm.tobytes(), riff_size=riff_size, data_size=data_size))
+        audio = decode_audio(handmade_wav(pcm.tobytes(), riff_size=riff_size, data_size=data_size))
         if data_size == 0:
             # A data chunk that says it is empty is believed: zero samples, not an error.
             assert audio.shape == (0,)
@@ -200,23 +183,23 @@ def test_riff_and_data_sizes_that_lie_still_read_the_samples_present():
 
 def test_truncated_wav_reads_what_is_there():
     pcm = (np.arange(1000) * 20).astype("<i2")
-    data = wav_bytes(pcm.tobytes())[: 44 + 2 * 600 + 1]  # cut in the middle of sample 601
+    data = handmade_wav(pcm.tobytes())[: 44 + 2 * 600 + 1]  # cut in the middle of sample 601
     np.testing.assert_array_equal(decode_audio(data), pcm[:600] / np.float32(32768))
 
 
 def test_wav_cut_inside_the_header():
     with pytest.raises(AudioDecodeError, match="malformed"):
-        decode_audio(wav_bytes(b"\x00" * 100)[:30])
+        decode_audio(handmade_wav(b"\x00" * 100)[:30])
 
 
 def test_zero_channels():
     with pytest.raises(AudioDecodeError, match="[Cc]hannel count is zero"):
-        decode_audio(wav_bytes(b"\x00" * 100, channels=0))
+        decode_audio(handmade_wav(b"\x00" * 100, channels=0))
 
 
 def test_unsupported_wav_codec_says_so():
     with pytest.raises(AudioDecodeError, match="malformed or unsupported"):
-        decode_audio(wav_bytes(b"\x00" * 100, bits=0))
+        decode_audio(handmade_wav(b"\x00" * 100, bits=0))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -237,12 +220,12 @@ def test_float_samples_beyond_full_scale_are_clipped():
 @pytest.mark.parametrize("rate", [1, 999, MAX_SAMPLE_RATE + 1, 2**31 - 1])
 def test_absurd_sample_rates_are_refused(rate):
     with pytest.raises(AudioDecodeError, match=f"unsupported sample rate {rate} Hz"):
-        decode_audio(wav_bytes(b"\x00\x01" * 1000, rate=rate))
+        decode_audio(handmade_wav(b"\x00\x01" * 1000, rate=rate))
 
 
 def test_sample_rate_zero():
     with pytest.raises(AudioDecodeError):
-        decode_audio(wav_bytes(b"\x00\x01" * 1000, rate=0))
+        decode_audio(handmade_wav(b"\x00\x01" * 1000, rate=0))
 
 
 def test_lowest_and_highest_supported_rates_decode():

@@ -11,7 +11,6 @@ import asyncio
 import io
 import re
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,14 +18,13 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import JFK, assert_error_shape, scrape, value, wait_until, words
 from server import RunningServer, serve
 
 from liteasr.evaluate import wer_scores
 
 pytestmark = pytest.mark.real
 
-JFK = "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 MAX_UPLOAD_MB = 2
 MAX_AUDIO_SECONDS = 80
 MAX_BATCH_SIZE = 8
@@ -35,57 +33,15 @@ MAX_BATCH_SIZE = 8
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
-def words(text: str) -> str:
-    """Lowercase words only: casing and punctuation ignored."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-
-
 def wav_bytes(audio: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, rate, format="WAV", subtype=subtype)
     return buffer.getvalue()
 
 
-def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
-    """Every sample of /metrics, keyed by (name, labels)."""
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def multi_window_batches(samples: dict) -> float:
     """Model calls over more than one window so far."""
     return value(samples, "liteasr_batch_size_count") - value(samples, "liteasr_batch_size_bucket", le="1.0")
-
-
-def assert_error_shape(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "code"}
-    assert body["error"]["code"] == code
-    assert all(isinstance(v, str) and v for v in body["error"].values())
-    for leak in ("Traceback", 'File "', ".py", "/work/", "site-packages"):
-        assert leak not in response.text
-    return body["error"]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def post_many(url: str, requests: list[dict]) -> list[httpx.Response]:
