@@ -43,7 +43,7 @@ format: setup
 
 # Serving benchmark (not a test, minutes of CPU): service unbatched vs batched vs faster-whisper -> docs/benchmarks.md
 bench: setup
-	$(PY) bench/serve_bench.py --int8 --output docs/benchmarks.md
+	$(PY) bench/serve_bench.py --int8 all --output docs/benchmarks.md
 
 clean-models:
 	rm -rf models

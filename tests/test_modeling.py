@@ -349,12 +349,22 @@ def test_encoder_parameters_count_like_the_paper(dense, lite):
 
 def test_int8_quantization_covers_low_rank_factors_and_keeps_the_outputs(lite, features):
     reference = logits(lite, features)
-    quantized = quantize_int8(copy.deepcopy(lite))
+    quantized = quantize_int8(copy.deepcopy(lite), "all")
     layer = quantized.model.encoder.layers[0]
     assert not any(isinstance(m, LowRankLinear) for m in quantized.modules())
     assert not any(type(m) is nn.Linear for m in quantized.modules())  # every linear map is int8 now
     assert isinstance(layer.self_attn.q_proj, nn.Sequential)  # a factorized map: two int8 maps in a row
     assert isinstance(layer.self_attn.q_proj[0], torch.ao.nn.quantized.dynamic.Linear)
+    similarity = F.cosine_similarity(logits(quantized, features).flatten(), reference.flatten(), dim=0)
+    assert similarity > 0.99, similarity
+
+
+def test_int8_quantization_of_the_decoder_leaves_the_encoder_in_float(lite, features):
+    reference = logits(lite, features)
+    quantized = quantize_int8(copy.deepcopy(lite))
+    assert any(isinstance(m, LowRankLinear) for m in quantized.model.encoder.modules())
+    assert not any(type(m) is nn.Linear for m in quantized.model.decoder.modules())
+    assert isinstance(quantized.proj_out, torch.ao.nn.quantized.dynamic.Linear)
     similarity = F.cosine_similarity(logits(quantized, features).flatten(), reference.flatten(), dim=0)
     assert similarity > 0.99, similarity
 
