@@ -110,16 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     p.add_argument("--timestamps", action="store_true", help="segment start and end times")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
-    p.add_argument(
-        "--int8",
-        nargs="?",
-        const="decoder",
-        choices=["decoder", "all"],
-        help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
-    )
+    _add_engine_options(p)
     p.set_defaults(func=_transcribe)
 
     p = commands.add_parser("eval", help="word error rate of models on a manifest split")
@@ -128,16 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--out", required=True)
     p.add_argument("--max-clips", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
-    p.add_argument(
-        "--int8",
-        nargs="?",
-        const="decoder",
-        choices=["decoder", "all"],
-        help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
-    )
+    _add_engine_options(p)
     p.set_defaults(func=_eval)
 
     p = commands.add_parser(
@@ -180,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_compress)
     return parser
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How `transcribe` and `eval` load and run a model."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-loop-guard", action="store_true", help="plain greedy decoding")
+    p.add_argument(
+        "--int8",
+        nargs="?",
+        const="decoder",
+        choices=["decoder", "all"],
+        help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
