@@ -30,7 +30,7 @@ from typing import Any
 from app.config import Settings
 from app.errors import Conflict, InvalidPath, NotFound, ServiceError
 from app.metrics import JOB_STATES, Metrics
-from app.registry import ModelRegistry, check_name, inside
+from app.registry import ModelRegistry, inside, redact
 from app.schemas import CompressJobRequest
 
 __all__ = ["JobRecord", "JobRunner", "JobStore", "run_job"]
@@ -242,8 +242,8 @@ class JobRunner:
 
     async def submit(self, request: CompressJobRequest) -> JobRecord:
         """Check what can be checked at once (400/409 now rather than a failed job later), then queue."""
-        name = check_name(request.name)
-        if self.registry.exists(name) or name in self.store.pending_names():
+        name = request.name
+        if self.registry.exists(name) or name in self.store.pending_names():  # exists() checks the name
             raise Conflict(f"a model or a pending job named {name!r} exists already", code="name_conflict")
         self.registry.source(request.source)
         await asyncio.to_thread(self._check_manifest, request.calibration.manifest, request.calibration.split)
@@ -466,9 +466,8 @@ def run_job(spec: dict[str, Any], sender) -> None:
         _compress_job(spec, lambda kind, **data: sender.send((kind, data)))
     except Exception as error:
         logging.getLogger("liteasr.job").exception("the job failed")
-        message = str(error) or type(error).__name__
-        for root in ("models_dir", "data_dir", "cache_dir", "work_dir"):  # paths relative to their folders
-            message = message.replace(spec[root] + "/", "").replace(spec[root], ".")
+        roots = (spec["work_dir"], spec["models_dir"], spec["data_dir"], spec["cache_dir"])
+        message = redact(str(error) or type(error).__name__, roots)
         sender.send(("error", {"message": message[:2000]}))
         sender.close()
         raise SystemExit(1) from None

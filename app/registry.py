@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from app.errors import InvalidPath, NotFound
+from liteasr.checkpoints import HUB_ID
 
-__all__ = ["ModelEntry", "ModelRegistry", "check_name", "inside"]
+__all__ = ["ModelEntry", "ModelRegistry", "check_name", "inside", "redact"]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def check_name(name: str) -> str:
@@ -106,8 +106,13 @@ class ModelRegistry:
         )
 
     def redact(self, message: str, *roots: Path) -> str:
-        """`message` with the absolute paths of the root (and `roots`) cut to paths relative to them."""
-        for root in (self.root, *roots):
-            for form in {str(root.resolve()), str(root.absolute())}:
-                message = message.replace(form + "/", "").replace(form, ".")
-        return message
+        """`message` with the paths of the models folder (and `roots`) made relative to them."""
+        return redact(message, (self.root, *roots))
+
+
+def redact(message: str, roots) -> str:
+    """`message` with every absolute path under one of `roots` cut to a path relative to it."""
+    for root in roots:
+        for form in {str(Path(root).resolve()), str(Path(root).absolute())}:
+            message = message.replace(form + "/", "").replace(form, ".")
+    return message

