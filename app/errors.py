@@ -211,11 +211,6 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
             "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message
         )
     response = error_response(exc.status, exc.message, exc.type, exc.code, retry_after=exc.retry_after)
-    if exc.status == 413:
-        # The client sends more than we take: hang up, or the server reads (and drops) the rest of the body,
-        # however long the client keeps sending. Only here: closing with unread data pending can reset the
-        # connection before the client reads the answer, which a 503 or 400 client must see.
-        response.headers["Connection"] = "close"
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="liteasr-admin"'
     return response
