@@ -1,29 +1,29 @@
-"""The batch queue: the only caller of the engine while the service runs.
+"""The batch queue: the only caller of the model while the service runs.
 
 A request first takes a `Ticket` (admission, bounded by `max_queue`: refused before its upload is even read),
-then submits the windows of its audio as one `Job`. One consumer task forms batches and runs them on a single
-worker thread, so the event loop never waits on the model and the engine (not thread-safe) has one caller.
+then submits the windows of its audio as one `Job`. The model side is the library's step engine
+(`liteasr.scheduler.Scheduler`, one per loaded model): windows join the decoder batch at any step and leave it as
+soon as they end, so a short request never waits for a long one's batch to finish. One consumer task drives it:
+each turn runs one scheduler iteration (at most one encoder pass, then one decode step over every active row) on a
+single worker thread, so the event loop never waits on the model and the scheduler (not thread-safe) has one
+caller. Everything that changes a scheduler (new windows, cancellations) is queued and applied between iterations,
+on the event loop.
 
-Each slot of a batch goes to the waiting job that has had the fewest windows taken so far (ties: arrival order).
-That is round-robin over requests, and a short request that arrives while a long file is being decoded joins the
-very next batch instead of waiting for every window of the file. A batch runs when it is full, or when its oldest
-window has waited `max_wait_s`, and waits at all only while another admitted request has not queued its windows
-yet (it is still uploading or decoding): with nobody else on the way, waiting only adds latency. While the model is
-busy windows pile up, so under load batches form at once.
+The scheduler hands free decoder slots to the waiting request with the fewest windows admitted so far, so the
+windows of a long file interleave with other requests. Failures stay local: the scheduler retries a failed encoder
+pass or decode step window by window (out of memory: in halves), and only a window that fails alone fails its
+request. A job whose request ends early (client gone, timeout) is cancelled: its queued windows are dropped and its
+decoding rows freed before the next step, both counted.
 
-Failures stay local: a batch that raises is retried window by window and only the window that fails again fails
-(its request gets an error, the others their transcripts); CUDA out-of-memory splits the batch in halves instead.
-A job whose request ends early (client gone, timeout) is cancelled: its queued windows are dropped and counted.
-
-Hot swap (`swap`): a ticket is bound to the engine that was current when it was admitted, and a batch only holds
-windows of one engine, so requests admitted before a swap finish on the old model and later ones use the new one.
-The batcher lets go of the old engine once its last ticket is released; `retired` tells when.
+Hot swap (`swap`): a ticket is bound to the engine that was current when it was admitted, and each engine has its
+own scheduler (decode steps never mix models); the consumer alternates between schedulers with work, so requests
+admitted before a swap finish on the old model while later ones use the new one. The batcher lets go of the old
+engine and its scheduler once its last ticket is released; `retired` tells when.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -33,11 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from app.errors import QueueFull, ShuttingDown, TranscriptionFailed
 from app.metrics import Metrics
-from liteasr.engine import DecodeOptions, WindowResult
+from liteasr.decoding import DecodeOptions, TokenEvent, WindowResult
+from liteasr.engine import SpeechEngine, StepScheduler
+from liteasr.scheduler import Iteration
 
 __all__ = ["Batcher", "Job", "Ticket", "WindowOutcome"]
 
@@ -49,29 +50,10 @@ class WindowOutcome:
     """One decoded window and how it got there."""
 
     result: WindowResult
-    queue_wait_s: float  # seconds from submission to the start of the model call that decoded it
-    started: float  # time.monotonic() when that model call started
-    finished: float  # ... and when it ended
-    batch_size: int  # windows in that model call
-
-
-@dataclass(frozen=True)
-class _Run:
-    result: WindowResult
-    started: float
-    finished: float
-    batch_size: int
-
-
-class _Item:
-    __slots__ = ("enqueued", "future", "job", "options", "samples")
-
-    def __init__(self, job: Job, samples: np.ndarray, options: DecodeOptions, future: asyncio.Future) -> None:
-        self.job = job
-        self.samples = samples
-        self.options = options
-        self.future = future
-        self.enqueued = time.monotonic()
+    queue_wait_s: float  # seconds from submission to the start of its encoder pass
+    started: float  # time.monotonic() when its encoder pass started
+    finished: float  # ... and when its last token was decoded
+    max_rows: int  # most decoder rows that shared a step with it
 
 
 class Ticket:
@@ -80,10 +62,9 @@ class Ticket:
     `engine` is the model that answers the request: the one served when it was admitted, even if a swap follows.
     """
 
-    def __init__(self, batcher: Batcher, engine) -> None:
+    def __init__(self, batcher: Batcher, engine: SpeechEngine) -> None:
         self._batcher = batcher
         self._released = False
-        self.submitted = False  # its windows are queued (or it had none)
         self.engine = engine
         self.admitted_at = time.monotonic()
 
@@ -100,59 +81,68 @@ class Ticket:
 
 
 class Job:
-    """The windows of one request, waiting in or passing through the queue."""
-
-    def __init__(self, batcher: Batcher, engine) -> None:
-        self._batcher = batcher
-        self.engine = engine
-        self.items: list[_Item] = []
-        self.pending: deque[_Item] = deque()
-        self.taken = 0  # windows that went into a batch
-        self.submitted = time.monotonic()
-
-    async def results(self) -> list[WindowOutcome]:
-        """Every window's outcome, in submission order; raises the first window's error if one fails."""
-        return list(await asyncio.gather(*(item.future for item in self.items)))
-
-    def cancel(self, reason: str, error: BaseException | None = None) -> int:
-        """Drop the windows still queued and stop waiting for the running ones; returns how many were dropped."""
-        return self._batcher._cancel(self, reason, error)
-
-
-class Batcher:
-    """Owns the engine at request time: admission, the window queue, batch formation and failure isolation."""
+    """The windows of one request, on their way through the scheduler of its engine."""
 
     def __init__(
         self,
-        engine,
+        batcher: Batcher,
+        engine: SpeechEngine,
+        futures: list[asyncio.Future],
+        on_token: Callable[[int, TokenEvent], None] | None,
+    ) -> None:
+        self._batcher = batcher
+        self.engine = engine
+        self.futures = futures
+        self.on_token = on_token  # (index of the window in this job, event)
+        self.window_ids: dict[int, int] = {}  # scheduler window id -> index in `futures`, once added
+        self.submitted_at = time.monotonic()
+        self.cancelled = False
+
+    async def results(self) -> list[WindowOutcome]:
+        """Every window's outcome, in submission order; raises the first window's error if one fails."""
+        return list(await asyncio.gather(*self.futures))
+
+    def cancel(self, reason: str, error: BaseException | None = None) -> None:
+        """Stop waiting for this job's windows; queued ones are dropped and decoding rows freed before the next
+        decode step (counted by `reason`)."""
+        self._batcher._cancel(self, reason, error)
+
+
+class Batcher:
+    """Owns the engines at request time: admission, the schedulers, failure isolation."""
+
+    def __init__(
+        self,
+        engine: SpeechEngine,
+        scheduler: StepScheduler,
         metrics: Metrics,
         *,
-        max_batch_size: int = 8,
-        max_wait_s: float = 0.02,
         max_queue: int = 64,
         retry_after_max_s: int = 60,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.retry_after_max_s = retry_after_max_s
-        self._jobs: list[Job] = []  # jobs with queued windows, in arrival order
-        self._pending = 0  # queued windows
+        self._schedulers: dict[SpeechEngine, StepScheduler] = {engine: scheduler}
+        self._tickets: dict[SpeechEngine, int] = {engine: 0}  # engine -> its unreleased tickets
+        self._retiring: dict[SpeechEngine, asyncio.Event] = {}  # swapped-out engines still answering requests
+        self._jobs: dict[
+            tuple[SpeechEngine, int], tuple[Job, int]
+        ] = {}  # (engine, window id) -> (job, index)
+        self._inbox: deque[Callable[[], None]] = deque()  # scheduler changes, applied between iterations
+        self._inbox_windows = 0  # windows submitted but not yet handed to a scheduler
         self._admitted = 0
-        self._unsubmitted = 0  # admitted requests whose windows are not queued yet
-        self._tickets: dict[object, int] = {engine: 0}  # engine -> its unreleased tickets
-        self._retiring: dict[object, asyncio.Event] = {}  # swapped-out engines still answering requests
         self._accepting = True
-        self._changed = asyncio.Event()  # a window was queued or a job cancelled
+        self._changed = asyncio.Event()  # work arrived
         self._idle = asyncio.Event()  # no admitted request
         self._idle.set()
-        self._batch_seconds = 1.0  # moving average of one model call, for Retry-After
+        self._turn = 0  # round robin over the schedulers with work
+        self._seconds_per_window = 1.0  # moving average of model time per finished window, for Retry-After
+        self._busy_since_finish = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liteasr-engine")
         self._task: asyncio.Task | None = None
         self._on_death: Callable[[BaseException], None] | None = None
-        self._running: list[asyncio.Future] = []  # futures of the windows in the model call now
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -168,23 +158,21 @@ class Batcher:
         error = task.exception()
         logger.critical("the batch worker died", exc_info=error)
         self.stop_admitting()
-        failure = TranscriptionFailed("the batch worker stopped; the server is restarting")
-        for job in list(self._jobs):
-            job.cancel("failed", failure)
-        for future in self._running:
-            if not future.done():
-                future.set_exception(failure)
+        self._fail_all(TranscriptionFailed("the batch worker stopped; the server is restarting"))
         if self._on_death is not None:
             self._on_death(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job, _ in list(self._jobs.values()):
+            for future in job.futures:
+                if not future.done():
+                    future.set_exception(error)
+        self._jobs.clear()
 
     @property
     def alive(self) -> bool:
         """The consumer task runs (False before `start`, after `close`, or if it died)."""
         return self._task is not None and not self._task.done()
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
 
     def stop_admitting(self) -> None:
         """New requests get 503 from now on; admitted ones finish."""
@@ -204,8 +192,10 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for job in list(self._jobs):
-            job.cancel("shutting_down", ShuttingDown("the server is shutting down"))
+        dropped = self.queued_windows
+        if dropped:
+            self.metrics.windows_dropped.labels("shutting_down").inc(dropped)
+        self._fail_all(ShuttingDown("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- admission ------------------------------------------------------------------------------------------
@@ -216,7 +206,13 @@ class Batcher:
 
     @property
     def queued_windows(self) -> int:
-        return self._pending
+        """Windows waiting for a decoder slot."""
+        return self._inbox_windows + sum(s.waiting for s in self._schedulers.values())
+
+    @property
+    def running_windows(self) -> int:
+        """Windows decoding now."""
+        return sum(s.active for s in self._schedulers.values())
 
     def admit(self) -> Ticket:
         """A ticket for one request, or QueueFull / ShuttingDown (503 with Retry-After)."""
@@ -228,7 +224,6 @@ class Batcher:
                 retry_after=self.retry_after(),
             )
         self._admitted += 1
-        self._unsubmitted += 1
         self._tickets[self.engine] += 1
         self._idle.clear()
         self.metrics.requests_in_flight.set(self._admitted)
@@ -237,8 +232,6 @@ class Batcher:
     def _release(self, ticket: Ticket) -> None:
         engine = ticket.engine
         self._admitted -= 1
-        if not ticket.submitted:
-            self._mark_submitted(ticket)
         self._tickets[engine] -= 1
         if engine is not self.engine and self._tickets[engine] == 0:
             self._retire(engine)
@@ -246,21 +239,29 @@ class Batcher:
         if self._admitted == 0:
             self._idle.set()
 
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: the windows ahead times the recent model time per window."""
+        ahead = self.queued_windows + 1
+        return max(1, min(self.retry_after_max_s, math.ceil(ahead * self._seconds_per_window)))
+
     # -- hot swap -------------------------------------------------------------------------------------------
 
-    def swap(self, engine) -> asyncio.Event:
+    def swap(self, engine: SpeechEngine, scheduler: StepScheduler) -> asyncio.Event:
         """Serve requests admitted from now on with `engine`; the event is set once the old one is let go."""
         if engine in self._tickets:
             raise ValueError("this engine is already being served")
         old, self.engine = self.engine, engine
         self._tickets[engine] = 0
+        self._schedulers[engine] = scheduler
         self._retiring[old] = retired = asyncio.Event()
         if self._tickets[old] == 0:
             self._retire(old)
         return retired
 
-    def _retire(self, engine) -> None:
+    def _retire(self, engine: SpeechEngine) -> None:
         del self._tickets[engine]
+        self._inbox.append(lambda: self._schedulers.pop(engine, None))  # not while an iteration may use it
+        self._changed.set()
         self._retiring.pop(engine).set()
 
     @property
@@ -268,173 +269,163 @@ class Batcher:
         """The current engine plus swapped-out ones still answering requests admitted before the swap."""
         return 1 + len(self._retiring)
 
-    def retry_after(self) -> int:
-        """Seconds until the queue has likely moved on: the batches ahead times the recent time per batch."""
-        batches_ahead = math.ceil((self._pending + 1) / self.max_batch_size)
-        return max(1, min(self.retry_after_max_s, math.ceil(batches_ahead * self._batch_seconds)))
-
     # -- the queue ------------------------------------------------------------------------------------------
 
-    def check_options(self, options: DecodeOptions, engine=None) -> None:
+    def check_options(self, options: DecodeOptions, engine: SpeechEngine | None = None) -> None:
         """InvalidOptionError when the model (`engine`, else the current one) cannot honour `options`."""
         (engine or self.engine).check_options(options)
 
     def submit(
-        self, windows: Sequence[np.ndarray], options: DecodeOptions, ticket: Ticket | None = None
+        self,
+        windows: Sequence[np.ndarray],
+        options: DecodeOptions,
+        ticket: Ticket | None = None,
+        *,
+        on_token: Callable[[int, TokenEvent], None] | None = None,
     ) -> Job:
         """Queue the windows of one request, for its ticket's engine (without a ticket: the current one); await
-        `job.results()` for their outcomes."""
+        `job.results()` for their outcomes. `on_token(window index, event)` is called, on the event loop, for
+        each token as it is decoded."""
         if not self.alive:
             raise TranscriptionFailed("the batch worker is not running")
         loop = asyncio.get_running_loop()
-        job = Job(self, self.engine if ticket is None else ticket.engine)
-        if ticket is not None and not ticket.submitted:
-            self._mark_submitted(ticket)
-        for samples in windows:
-            item = _Item(job, samples, options, loop.create_future())
-            job.items.append(item)
-            job.pending.append(item)
-        if job.pending:
-            self._jobs.append(job)
-            self._pending += len(job.pending)
-            self.metrics.queue_depth.set(self._pending)
+        engine = self.engine if ticket is None else ticket.engine
+        job = Job(self, engine, [loop.create_future() for _ in windows], on_token)
+        if windows:
+            self._inbox_windows += len(windows)
+            self._inbox.append(lambda: self._add(job, windows, options))
+            self.metrics.queue_depth.set(self.queued_windows)
             self._changed.set()
         return job
 
-    def _mark_submitted(self, ticket: Ticket) -> None:
-        ticket.submitted = True
-        self._unsubmitted -= 1
-        self._changed.set()  # a batch waiting for this request can stop waiting
+    def _add(self, job: Job, windows: Sequence[np.ndarray], options: DecodeOptions) -> None:
+        if job.cancelled:  # counted as dropped by `_cancel` already
+            return
+        self._inbox_windows -= len(windows)
+        scheduler = self._schedulers[job.engine]
+        for index, samples in enumerate(windows):
+            window_id = scheduler.add(samples, options, key=job, listen=job.on_token is not None)
+            job.window_ids[window_id] = index
+            self._jobs[(job.engine, window_id)] = (job, index)
 
-    def _cancel(self, job: Job, reason: str, error: BaseException | None) -> int:
-        dropped = len(job.pending)
-        if dropped:
-            self._jobs.remove(job)
-            self._pending -= dropped
-            job.pending.clear()
-            self.metrics.queue_depth.set(self._pending)
-            self.metrics.windows_dropped.labels(reason).inc(dropped)
-            self._changed.set()
-        for item in job.items:
-            if not item.future.done():
+    def _cancel(self, job: Job, reason: str, error: BaseException | None) -> None:
+        if job.cancelled:
+            return
+        job.cancelled = True
+        for future in job.futures:
+            if not future.done():
                 if error is None:
-                    item.future.cancel()
+                    future.cancel()
                 else:
-                    item.future.set_exception(error)
-        return dropped
+                    future.set_exception(error)
+        if not job.window_ids:  # still on its way to the scheduler: it never will be
+            if job.futures:
+                self._inbox_windows -= len(job.futures)
+                self.metrics.windows_dropped.labels(reason).inc(len(job.futures))
+                self.metrics.queue_depth.set(self.queued_windows)
+            return
+        self._inbox.append(lambda: self._forget(job, reason))
+        self._changed.set()
+
+    def _forget(self, job: Job, reason: str) -> None:
+        """Between iterations: take the job's windows out of its scheduler."""
+        for window_id in job.window_ids:
+            self._jobs.pop((job.engine, window_id), None)
+        scheduler = self._schedulers.get(job.engine)
+        if scheduler is None:
+            return
+        dropped, freed = scheduler.cancel(job)
+        if dropped:
+            self.metrics.windows_dropped.labels(reason).inc(dropped)
+        if freed:
+            self.metrics.rows_freed.labels(reason).inc(freed)
 
     # -- the consumer ---------------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
         while True:
-            if not self._jobs:
+            while self._inbox:
+                self._inbox.popleft()()
+            busy = [(engine, s) for engine, s in self._schedulers.items() if not s.idle]
+            self._publish_gauges()
+            if not busy:
                 self._changed.clear()
-                await self._changed.wait()
+                if not self._inbox:
+                    await self._changed.wait()
                 continue
-            # An idle model waits for the batch to fill, but never past the oldest window's deadline, and only
-            # while another admitted request is still on its way.
-            oldest = min(job.submitted for job in self._jobs)
-            remaining = oldest + self.max_wait_s - time.monotonic()
-            if self._pending < self.max_batch_size and remaining > 0 and self._unsubmitted > 0:
-                self._changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                continue
-            engine, batch = self._take_batch()
-            self._running = [item.future for item in batch]
-            try:
-                await self._run_batch(engine, batch)
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(ShuttingDown("the server is shutting down"))
-                raise
-            except Exception as error:  # a bug here must not kill the consumer: fail this batch, go on
-                logger.exception("batch of %d windows failed outside the model", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(TranscriptionFailed(f"transcription failed: {error}"))
+            turn, self._turn = busy[self._turn % len(busy)], self._turn + 1
+            del busy  # hold no engine while idle: a swapped-out one must be let go
+            await self._iterate(*turn)
+            del turn
 
-    def _take_batch(self) -> tuple[object, list[_Item]]:
-        """Fill a batch slot by slot, each from the job with the fewest windows taken (`min` keeps arrival order),
-        among the jobs of the oldest job's engine (after a swap, the old engine's requests go first)."""
-        engine = self._jobs[0].engine
-        batch: list[_Item] = []
-        while len(batch) < self.max_batch_size:
-            jobs = [job for job in self._jobs if job.engine is engine]
-            if not jobs:
-                break
-            job = min(jobs, key=lambda j: j.taken)
-            batch.append(job.pending.popleft())
-            job.taken += 1
-            if not job.pending:
-                self._jobs.remove(job)
-        self._pending -= len(batch)
-        self.metrics.queue_depth.set(self._pending)
-        return engine, batch
-
-    async def _run_batch(self, engine, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        self.metrics.windows_running.set(len(batch))
-        try:
-            runs = await loop.run_in_executor(
-                self._executor,
-                self._infer,
-                engine,
-                [item.samples for item in batch],
-                [item.options for item in batch],
-            )
-        finally:
-            self.metrics.windows_running.set(0)
-        for item, run in zip(batch, runs, strict=True):
-            if item.future.done():  # its request ended while the model ran
-                continue
-            if isinstance(run, BaseException):
-                item.future.set_exception(TranscriptionFailed("transcription failed for this audio"))
-            else:
-                wait = run.started - item.enqueued
-                self.metrics.queue_wait.observe(wait)
-                item.future.set_result(
-                    WindowOutcome(run.result, wait, run.started, run.finished, run.batch_size)
-                )
-
-    # -- the worker thread ----------------------------------------------------------------------------------
-
-    def _infer(
-        self, engine, samples: list[np.ndarray], options: list[DecodeOptions]
-    ) -> list[_Run | BaseException]:
-        """One model call; on failure, halves (out of memory) or one window at a time (any other error)."""
+    async def _iterate(self, engine: SpeechEngine, scheduler: StepScheduler) -> None:
         started = time.monotonic()
         try:
-            results = engine.transcribe_windows(samples, options)
-        except torch.cuda.OutOfMemoryError as error:
-            if len(samples) == 1:
-                logger.error("one window ran out of GPU memory on its own")
-                self.metrics.window_failures.inc()
-                return [error]
-            self.metrics.batch_retries.labels("oom").inc()
-            logger.warning("batch of %d windows ran out of GPU memory; retrying in halves", len(samples))
-            torch.cuda.empty_cache()
-            half = len(samples) // 2
-            return self._infer(engine, samples[:half], options[:half]) + self._infer(
-                engine, samples[half:], options[half:]
+            report = await asyncio.get_running_loop().run_in_executor(self._executor, scheduler.run_once)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug outside the model: that scheduler's windows fail, the service goes on
+            logger.exception("a scheduler iteration failed; failing the windows of %s", engine.info.name)
+            self._fail_engine(engine, TranscriptionFailed("transcription failed"))
+            return
+        self._deliver(engine, report, time.monotonic() - started)
+
+    def _fail_engine(self, engine: SpeechEngine, error: BaseException) -> None:
+        """Fail every window of `engine` and give it a fresh scheduler (the old one's state is suspect)."""
+        for (owner, window_id), (job, index) in list(self._jobs.items()):
+            if owner is engine:
+                del self._jobs[(owner, window_id)]
+                if not job.futures[index].done():
+                    job.futures[index].set_exception(error)
+        if engine in self._schedulers:
+            self._schedulers[engine] = engine.scheduler(max_rows=self._schedulers[engine].max_rows)
+
+    def _publish_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queued_windows)
+        self.metrics.windows_running.set(self.running_windows)
+
+    def _deliver(self, engine: SpeechEngine, report: Iteration, seconds: float) -> None:
+        metrics = self.metrics
+        metrics.model_busy.inc(seconds)
+        if report.encoder is not None:
+            metrics.encoder_pass_duration.observe(report.encoder.seconds)
+            metrics.encoder_pass_windows.observe(report.encoder.size)
+        if report.step is not None:
+            metrics.decode_step_duration.observe(report.step.seconds)
+            metrics.decode_step_rows.observe(report.step.size)
+        for reason in report.retries:
+            metrics.batch_retries.labels(reason).inc()
+        for _, waited in report.admitted:
+            metrics.queue_wait.observe(waited)
+        for event in report.tokens:
+            entry = self._jobs.get((engine, event.window))
+            if entry is not None and entry[0].on_token is not None and not entry[0].cancelled:
+                entry[0].on_token(entry[1], event)
+        for window_id, error in report.failed:
+            metrics.window_failures.inc()
+            logger.error("a window failed: %s", error, exc_info=error)
+            job, index = self._jobs.pop((engine, window_id), (None, 0))
+            if job is not None and not job.futures[index].done():
+                job.futures[index].set_exception(TranscriptionFailed("transcription failed for this audio"))
+                job.cancel("failed")  # its other windows are of no use now
+        self._busy_since_finish += seconds
+        if report.finished:  # the queue drains at finished windows per second of model time
+            per_window = self._busy_since_finish / len(report.finished)
+            self._seconds_per_window = 0.8 * self._seconds_per_window + 0.2 * per_window
+            self._busy_since_finish = 0.0
+        for done in report.finished:
+            metrics.windows.inc()
+            metrics.decoded_tokens.inc(len(done.result.tokens))
+            job, index = self._jobs.pop((engine, done.window), (None, 0))
+            if job is None or job.futures[index].done():
+                continue
+            job.futures[index].set_result(
+                WindowOutcome(
+                    done.result,
+                    done.admitted - job.submitted_at,
+                    done.admitted,
+                    done.finished,
+                    done.max_rows,
+                )
             )
-        except Exception as error:
-            if len(samples) == 1:
-                logger.exception("a window failed")
-                self.metrics.window_failures.inc()
-                return [error]
-            self.metrics.batch_retries.labels("error").inc()
-            logger.warning("batch of %d windows failed (%s); retrying one by one", len(samples), error)
-            return [
-                run
-                for i in range(len(samples))
-                for run in self._infer(engine, samples[i : i + 1], options[i : i + 1])
-            ]
-        finished = time.monotonic()
-        seconds = finished - started
-        self.metrics.inference_duration.observe(seconds)
-        self.metrics.batch_size.observe(len(samples))
-        self.metrics.windows.inc(len(samples))
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-        return [_Run(result, started, finished, len(samples)) for result in results]
+        self._publish_gauges()

@@ -13,7 +13,7 @@ from app.schemas import (
     TranscriptionOut,
     VerboseTranscription,
 )
-from liteasr.engine import Segment, Transcription
+from liteasr.decoding import Segment, Transcription
 
 __all__ = ["Outcome", "render", "segments_out", "srt", "timestamp", "vtt"]
 

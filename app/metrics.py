@@ -26,6 +26,8 @@ __all__ = [
 
 NAMESPACE = "liteasr"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+# A decode step takes about a millisecond (small model, GPU) to a few hundred (large model, CPU, many rows).
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 # Why a request was refused or abandoned; the label values of liteasr_requests_rejected_total.
 REJECT_REASONS = (
     "queue_full",
@@ -66,28 +68,50 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "queue_wait_seconds",
-            "Time a window waited in the batch queue before its batch started.",
+            "Time a window waited for a decoder slot: from submission to the start of its encoder pass.",
             buckets=LATENCY_BUCKETS,
             **common,
         )
-        self.inference_duration = Histogram(
-            "inference_duration_seconds",
-            "Duration of one model call over one batch of windows.",
+        self.decode_step_duration = Histogram(
+            "decode_step_duration_seconds",
+            "Duration of one decode step (every decoding row advances by one token).",
+            buckets=STEP_BUCKETS,
+            **common,
+        )
+        self.decode_step_rows = Histogram(
+            "decode_step_rows",
+            "Decoder rows (windows) advanced together by one decode step.",
+            buckets=_size_buckets(max_batch_size),
+            **common,
+        )
+        self.encoder_pass_duration = Histogram(
+            "encoder_pass_duration_seconds",
+            "Duration of one encoder pass (with the cross-attention keys and values and the prompt of its "
+            "windows).",
             buckets=LATENCY_BUCKETS,
             **common,
         )
-        self.batch_size = Histogram(
-            "batch_size",
-            "Windows per model call.",
-            buckets=_batch_buckets(max_batch_size),
+        self.encoder_pass_windows = Histogram(
+            "encoder_pass_windows",
+            "Windows encoded together by one encoder pass.",
+            buckets=_size_buckets(max_batch_size),
+            **common,
+        )
+        self.model_busy = Counter(
+            "model_busy_seconds",
+            "Seconds the model spent in scheduler iterations (encoder passes and decode steps); its rate is the "
+            "model's utilisation.",
             **common,
         )
         self.audio_seconds = Counter(
             "audio_seconds", "Seconds of audio transcribed (answered requests).", **common
         )
-        self.windows = Counter("windows", "Windows decoded by the model.", **common)
-        self.queue_depth = Gauge("queue_depth", "Windows waiting in the batch queue.", **common)
-        self.windows_running = Gauge("windows_running", "Windows in the model call running now.", **common)
+        self.windows = Counter("windows", "Windows decoded to the end by the model.", **common)
+        self.decoded_tokens = Counter("decoded_tokens", "Tokens in the results of decoded windows.", **common)
+        self.queue_depth = Gauge("queue_depth", "Windows waiting for a decoder slot.", **common)
+        self.windows_running = Gauge(
+            "windows_running", "Windows decoding now (decoder rows in use).", **common
+        )
         self.requests_in_flight = Gauge(
             "requests_in_flight",
             "Transcription requests admitted and not yet answered (bounded by LITEASR_MAX_QUEUE).",
@@ -106,14 +130,21 @@ class Metrics:
             ["reason"],
             **common,
         )
+        self.rows_freed = Counter(
+            "rows_freed",
+            "Decoding rows freed before their window ended because their request ended first, by reason.",
+            ["reason"],
+            **common,
+        )
         self.batch_retries = Counter(
             "batch_retries",
-            "Batches that failed and were retried: item by item after an error, in halves after out-of-memory.",
+            "Encoder passes or decode steps that failed and were retried: window by window after an error, in "
+            "halves after out-of-memory.",
             ["reason"],
             **common,
         )
         self.window_failures = Counter(
-            "window_failures", "Windows that failed on their own, after their batch was retried.", **common
+            "window_failures", "Windows that failed on their own, after their pass was retried.", **common
         )
         self.model_info = Info("model", "The served model.", **common)
         self.model_load_seconds = Gauge(
@@ -154,6 +185,7 @@ class Metrics:
             self.requests_rejected.labels(reason)
         for reason in DROP_REASONS:
             self.windows_dropped.labels(reason)
+            self.rows_freed.labels(reason)
         for reason in RETRY_REASONS:
             self.batch_retries.labels(reason)
         for result in ACTIVATION_RESULTS:
@@ -169,8 +201,8 @@ class Metrics:
         self.registry.register(GpuMemoryCollector(device))
 
 
-def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
-    """One bucket per size up to 16, then powers of two: the histogram shows exactly how full batches are."""
+def _size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """One bucket per size up to 16, then powers of two: the histogram shows exactly how full steps are."""
     sizes = list(range(1, min(max_batch_size, 16) + 1))
     size = 32
     while sizes[-1] < max_batch_size:

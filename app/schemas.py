@@ -153,12 +153,17 @@ class SegmentOut(BaseModel):
 
 class Timings(BaseModel):
     queue_wait_s: float = Field(
-        description="From submission to the start of the first model call on this audio."
+        description="From submission to the start of the encoder pass of this audio's first window (waiting for "
+        "a decoder slot)."
     )
     inference_s: float = Field(
-        description="From the start of the first to the end of the last model call on it."
+        description="From that encoder pass to the last token of the audio's last window: wall time in the "
+        "model, shared with the other windows decoding meanwhile."
     )
-    batch_size: int = Field(description="Windows in the largest model call that decoded part of this audio.")
+    batch_size: int = Field(
+        description="Most decoder rows (windows, of any request) that shared a decode step with this audio's "
+        "windows."
+    )
     decode_s: float = Field(description="Decoding the upload to 16 kHz mono.")
     total_s: float = Field(description="From admission to answer.")
 

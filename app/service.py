@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import torch
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -42,16 +41,9 @@ from app.metrics import Metrics
 from app.registry import ModelRegistry
 from app.schemas import Timings
 from app.uploads import Upload, read_upload
-from liteasr.audio import SAMPLE_RATE, decode_audio
-from liteasr.engine import (
-    DecodeOptions,
-    Engine,
-    Transcription,
-    Window,
-    resolve_device,
-    split_windows,
-    stitch,
-)
+from liteasr.audio import SAMPLE_RATE, Window, decode_audio, split_windows
+from liteasr.decoding import DecodeOptions, Transcription, stitch
+from liteasr.engine import Engine, SpeechEngine, StepScheduler, resolve_device
 
 __all__ = ["Service"]
 
@@ -64,8 +56,10 @@ Status = Literal["loading", "ready", "failed", "stopping"]
 class Service:
     """What the routes use: admission, upload reading, transcription; plus the state behind /healthz, /readyz."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, engine: SpeechEngine | None = None) -> None:
+        """`engine`: serve this one instead of loading `settings.model` (tests hand in a stand-in)."""
         self.settings = settings
+        self._given_engine = engine
         self.metrics = metrics
         self.registry = ModelRegistry(settings.models_dir)
         self.model_name = settings.model_name
@@ -89,7 +83,7 @@ class Service:
     async def _load(self) -> None:
         started = time.perf_counter()
         try:
-            engine = await asyncio.to_thread(self._load_engine, self.settings.model, self.model_name)
+            engine, scheduler = await asyncio.to_thread(self._prepare, self.settings.model, self.model_name)
         except Exception:
             logger.exception("the model %s failed to load", self.settings.model)
             self.status, self.failure = "failed", "the model failed to load; see the server log"
@@ -98,50 +92,50 @@ class Service:
             return
         s = self.settings
         self.batcher = Batcher(
-            engine,
-            self.metrics,
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.max_batch_wait_ms / 1000,
-            max_queue=s.max_queue,
-            retry_after_max_s=s.retry_after_max_s,
+            engine, scheduler, self.metrics, max_queue=s.max_queue, retry_after_max_s=s.retry_after_max_s
         )
         self.batcher.start(on_death=self._worker_died)
         self._describe(engine)
-        if engine.device.type == "cuda":
-            self.metrics.watch_gpu(engine.device)
+        if engine.info.device.startswith("cuda"):
+            self.metrics.watch_gpu(engine.info.device)
         seconds = time.perf_counter() - started
         self.metrics.model_load_seconds.set(seconds)
         self.metrics.ready.set(1)
         self.status = "ready"
+        info = engine.info
         logger.info(
             "serving %s on %s (%s), loaded and warmed in %.1f s",
-            self.model_name,
-            engine.device,
-            engine.dtype,
+            info.name,
+            info.device,
+            info.quantization or info.dtype,
             seconds,
         )
 
-    def _load_engine(self, source: str | Path, name: str) -> Engine:
-        device, _ = resolve_device(self.settings.device)
-        engine = Engine.load(
-            source,
-            device=str(device),
-            cache_dir=self.settings.cache_dir,
-            int8=self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None,
-        )
-        engine.name = name
+    def _prepare(self, source: str | Path, name: str) -> tuple[SpeechEngine, StepScheduler]:
+        """Worker thread: load (unless an engine was handed in), warm up, and allocate the decoder slots."""
+        engine = self._given_engine
+        if engine is None or source != self.settings.model:
+            device, _ = resolve_device(self.settings.device)
+            engine = Engine.load(
+                source,
+                device=str(device),
+                cache_dir=self.settings.cache_dir,
+                int8=self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None,
+                name=name,
+            )
         if self.settings.warmup:
             engine.warmup()
-        return engine
+        return engine, engine.scheduler(max_rows=self.settings.max_batch_size)
 
-    def _describe(self, engine: Engine) -> None:
+    def _describe(self, engine: SpeechEngine) -> None:
+        info = engine.info
         self.metrics.model_info.info(
             {
-                "model": engine.name,
-                "device": str(engine.device),
-                "dtype": engine.quantization or str(engine.dtype).removeprefix("torch."),
-                "encoder_parameters": str(engine.encoder_parameters),
-                "multilingual": str(engine.is_multilingual).lower(),
+                "model": info.name,
+                "device": info.device,
+                "dtype": info.quantization or info.dtype,
+                "encoder_parameters": str(info.encoder_parameters),
+                "multilingual": str(info.multilingual).lower(),
             }
         )
         self.metrics.models_loaded.set(self.batcher.engines_loaded if self.batcher else 1)
@@ -160,7 +154,7 @@ class Service:
         try:
             started = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(self._load_engine, entry.path, name)
+                engine, scheduler = await asyncio.to_thread(self._prepare, entry.path, name)
             except Exception as error:
                 self.metrics.model_activations.labels("failed").inc()
                 logger.exception("model %s failed to load; %s keeps serving", name, self.model_name)
@@ -171,7 +165,7 @@ class Service:
             if self.status != "ready":
                 raise ShuttingDown("the server is shutting down", retry_after=self.settings.retry_after_max_s)
             seconds = time.perf_counter() - started
-            retired = self.batcher.swap(engine)
+            retired = self.batcher.swap(engine, scheduler)
             previous, self.model_name = self.model_name, name
             self.model_path, self.created = entry.path, entry.created
             self._describe(engine)
@@ -188,9 +182,8 @@ class Service:
         """Once the swapped-out model has answered its last request, give its memory back."""
         await retired.wait()
         await asyncio.to_thread(gc.collect)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         if self.batcher is not None:
+            self.batcher.engine.release_cached_memory()
             self.metrics.models_loaded.set(self.batcher.engines_loaded)
         logger.info("released model %s", name)
 
@@ -278,7 +271,7 @@ class Service:
                 timings = Timings(
                     queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
                 )
-                return Outcome(transcription, ticket.engine.name, options.task, timings)
+                return Outcome(transcription, ticket.engine.info.name, options.task, timings)
             job = self.batcher.submit([window.samples for window in windows], options, ticket)
             try:
                 outcomes = await self._until(job.results(), deadline, watcher)
@@ -297,13 +290,13 @@ class Service:
         self.metrics.audio_seconds.inc(duration)
         first_start = min(o.started for o in outcomes)
         timings = Timings(
-            queue_wait_s=round(first_start - job.submitted, 4),
+            queue_wait_s=round(first_start - job.submitted_at, 4),
             inference_s=round(max(o.finished for o in outcomes) - first_start, 4),
-            batch_size=max(o.batch_size for o in outcomes),
+            batch_size=max(o.max_rows for o in outcomes),
             decode_s=round(decode_s, 4),
             total_s=round(time.monotonic() - ticket.admitted_at, 4),
         )
-        return Outcome(transcription, ticket.engine.name, options.task, timings)
+        return Outcome(transcription, ticket.engine.info.name, options.task, timings)
 
     def _decode(self, data: bytes) -> tuple[float, list[Window]]:
         """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file)."""

@@ -122,7 +122,7 @@ def ensure_transcripts(source: Path, clips, cache: Path) -> dict:
         "ids": [clip.id for clip in clips],
         "texts": texts,
         "transcribe_seconds": time.perf_counter() - started,
-        "encoder_parameters": engine.encoder_parameters,
+        "encoder_parameters": engine.info.encoder_parameters,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(data, indent=1))
@@ -155,8 +155,9 @@ class ReplayEngine:
     """Cached transcripts behind the interface `evaluate_models` expects (the code behind `liteasr eval`)."""
 
     def __init__(self, name: str, data: dict, latency: float, clips) -> None:
-        self.name = name
-        self.encoder_parameters = data["encoder_parameters"]
+        from liteasr.engine import ModelInfo
+
+        self.info = ModelInfo(name, "cpu", "float32", None, data["encoder_parameters"], False, ("en",))
         self._latency = latency
         texts = dict(zip(data["ids"], data["texts"], strict=True))
         self._queue = [texts[clip.id] for clip in clips]  # evaluate_models transcribes the clips in order

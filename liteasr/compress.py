@@ -37,8 +37,7 @@ from torch import nn
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from liteasr.audio import SAMPLE_RATE, load_audio
-from liteasr.engine import split_windows
+from liteasr.audio import SAMPLE_RATE, load_audio, split_windows
 from liteasr.errors import CompressionError
 from liteasr.manifest import Clip
 from liteasr.modeling import (

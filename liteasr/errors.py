@@ -33,3 +33,7 @@ class CompressionError(LiteASRError):
 
 class ManifestError(LiteASRError):
     """A speech-set manifest cannot be read: missing file, bad JSON, a missing field or audio file."""
+
+
+class OutOfMemoryError(LiteASRError):
+    """The device ran out of memory for this pass (CUDA): retry with fewer windows or rows."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jiwer
 import numpy as np
@@ -32,6 +32,9 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from liteasr.audio import SAMPLE_RATE, load_audio
 from liteasr.errors import LiteASRError
+
+if TYPE_CHECKING:
+    from liteasr.engine import ModelInfo
 from liteasr.manifest import Clip
 
 __all__ = [
@@ -166,8 +169,8 @@ class _HasText(Protocol):
 class EvalEngine(Protocol):
     """What evaluation needs of a model; `liteasr.engine.Engine` provides it."""
 
-    name: str
-    encoder_parameters: int
+    @property
+    def info(self) -> ModelInfo: ...
 
     def transcribe(self, audios: list[np.ndarray], options: Any) -> Sequence[_HasText]: ...
 
@@ -261,14 +264,16 @@ def _evaluate_one(
     latency_repeats: int | None,
 ) -> ModelResult:
     engine = engine_factory(source)
-    log.info("evaluating %s (%s) on %d clips", engine.name, source, len(clips))
+    log.info("evaluating %s (%s) on %d clips", engine.info.name, source, len(clips))
     start = time.perf_counter()
     hypotheses: list[str] = []
     for first in range(0, len(audios), batch_size):
         batch = audios[first : first + batch_size]
         outputs = engine.transcribe(batch, options)
         if len(outputs) != len(batch):
-            raise LiteASRError(f"{engine.name} returned {len(outputs)} transcripts for {len(batch)} clips")
+            raise LiteASRError(
+                f"{engine.info.name} returned {len(outputs)} transcripts for {len(batch)} clips"
+            )
         hypotheses.extend(output.text for output in outputs)
     transcribe_seconds = time.perf_counter() - start
     latency = (
@@ -286,8 +291,8 @@ def _evaluate_one(
             by_group[group] = wer_scores([clips[i].text for i in chosen], [hypotheses[i] for i in chosen])
     return ModelResult(
         source=source,
-        name=engine.name,
-        encoder_parameters=engine.encoder_parameters,
+        name=engine.info.name,
+        encoder_parameters=engine.info.encoder_parameters,
         encoder_latency_seconds=latency,
         transcribe_seconds=transcribe_seconds,
         scores=scores,

@@ -56,7 +56,6 @@ def make_dirs(root: Path, tiny_en_dir: Path, manifest_rows: list[dict]) -> dict[
         "LITEASR_DATA_DIR": str(data),
         "LITEASR_CACHE_DIR": str(root / "cache"),
         "LITEASR_ADMIN_TOKEN": TOKEN,
-        "LITEASR_MAX_BATCH_WAIT_MS": "5",
         "LITEASR_JOB_THREADS": "1",
     }
 

@@ -228,7 +228,7 @@ def test_outlier_frames_cannot_take_over_the_principal_directions():
 
 
 def _split(audio):
-    from liteasr.engine import split_windows
+    from liteasr.audio import split_windows
 
     return [w.samples for w in split_windows(audio, window_seconds=3, search_seconds=0.5)]
 

@@ -391,14 +391,14 @@ def test_dashboard_shows_what_the_issue_lists():
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(liteasr_request_duration_seconds_bucket" in latency
     assert "liteasr_queue_wait_seconds_bucket" in exprs("queue wait")
-    batch = [p for p in panels if p["title"] == "Batch size distribution"]
+    rows = [p for p in panels if p["title"] == "Decode step rows distribution"]
     assert (
-        batch
-        and batch[0]["type"] == "heatmap"
-        and "liteasr_batch_size_bucket" in exprs("batch size distribution")
+        rows
+        and rows[0]["type"] == "heatmap"
+        and "liteasr_decode_step_rows_bucket" in exprs("decode step rows distribution")
     )
     assert re.search(
-        r"liteasr_audio_seconds_total.*/.*liteasr_inference_duration_seconds_sum", exprs("real-time factor")
+        r"liteasr_audio_seconds_total.*/.*liteasr_model_busy_seconds_total", exprs("real-time factor")
     )
     assert "rate(liteasr_audio_seconds_total" in exprs("audio throughput")
     assert "by (reason)" in exprs("rejections by reason")
@@ -518,7 +518,6 @@ def service(tiny_en_dir, tmp_path_factory) -> Iterator[RunningServer]:
         "LITEASR_CACHE_DIR": str(work / "cache"),
         "LITEASR_DATA_DIR": str(work / "data"),
         "LITEASR_MAX_BATCH_SIZE": "4",
-        "LITEASR_MAX_BATCH_WAIT_MS": "100",  # the concurrent clients below share a batch
     }
     with serve(settings, work / "server.log") as running:
         yield running

@@ -5,18 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from liteasr.audio import SAMPLE_RATE, load_audio
-from liteasr.engine import (
-    DecodeOptions,
-    Engine,
-    LoopGuard,
-    Segment,
-    Window,
-    WindowResult,
-    find_repetition,
-    split_windows,
-    stitch,
-)
+from liteasr.audio import SAMPLE_RATE, Window, load_audio, split_windows
+from liteasr.decoding import DecodeOptions, LoopGuard, Segment, WindowResult, find_repetition, stitch
+from liteasr.engine import Engine
 from liteasr.errors import InvalidOptionError
 from liteasr.evaluate import normalize_text, wer_scores
 
@@ -54,7 +45,17 @@ def test_split_windows_keeps_short_audio_whole():
 def test_stitch_shifts_segment_times_and_keeps_order():
     def result(text: str, start: float, end: float) -> WindowResult:
         segment = Segment(start, end, text)
-        return WindowResult(text, "en", (segment,), (), -0.1, 1.0, 0.0, 0.0, looped=False)
+        return WindowResult(
+            text=text,
+            language="en",
+            segments=(segment,),
+            tokens=(),
+            avg_logprob=-0.1,
+            compression_ratio=1.0,
+            no_speech_prob=0.0,
+            temperature=0.0,
+            looped=False,
+        )
 
     windows = [Window(0.0, np.zeros(1)), Window(28.5, np.zeros(1))]
     joined = stitch(windows, [result("first part", 1.0, 3.0), result("second part", 0.5, 2.0)], 40.0)
@@ -79,7 +80,7 @@ def test_jfk_transcribes_to_the_known_sentence(engine, clip_path):
 @pytest.mark.real
 def test_int8_engine_transcribes_jfk(tiny_en_dir, clip_path):
     int8 = Engine.load(tiny_en_dir, device="cpu", int8="decoder")
-    assert int8.quantization == "int8-decoder" and int8.encoder_parameters == 7_632_384
+    assert int8.info.quantization == "int8-decoder" and int8.info.encoder_parameters == 7_632_384
     [result] = int8.transcribe([load_audio(clip_path("jfk"))])
     assert normalize_text(result.text) == normalize_text(JFK)
 

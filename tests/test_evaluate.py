@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 from matplotlib.image import imread
 
+from liteasr.engine import ModelInfo
 from liteasr.errors import LiteASRError, ManifestError
 from liteasr.evaluate import (
     CALIBRATION_SPEAKER,
@@ -251,8 +252,7 @@ class LookupEngine:
     """Returns a fixed transcript per clip, so that every number in the report can be computed by hand."""
 
     def __init__(self, name: str, encoder_parameters: int, texts: dict[int, str], latency: float) -> None:
-        self.name = name
-        self.encoder_parameters = encoder_parameters
+        self.info = ModelInfo(name, "cpu", "float32", None, encoder_parameters, False, ("en",))
         self.texts = texts
         self.latency = latency
         self.batches: list[list[int]] = []

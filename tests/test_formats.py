@@ -13,7 +13,7 @@ from app.formats import Outcome, render, segments_out, srt, timestamp, vtt
 from app.main import create_app
 from app.schemas import OpenAIForm, Timings, TranscribeForm
 from app.uploads import Upload
-from liteasr.engine import Segment, Transcription
+from liteasr.decoding import Segment, Transcription
 
 TIMINGS = Timings(queue_wait_s=0.01, inference_s=0.5, batch_size=2, decode_s=0.001, total_s=0.6)
 TRANSCRIPTION = Transcription(

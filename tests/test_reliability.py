@@ -125,7 +125,6 @@ def server(tiny_en_dir, tmp_path_factory) -> RunningServer:
         "LITEASR_CACHE_DIR": str(work / "cache"),
         "LITEASR_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
         "LITEASR_MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS),
-        "LITEASR_MAX_BATCH_WAIT_MS": "0",
     }
     with serve(settings, work / "server.log") as running:
         yield running
@@ -688,7 +687,6 @@ def overload_server(tiny_en_dir, tmp_path_factory) -> RunningServer:
         "LITEASR_CACHE_DIR": str(work / "cache"),
         "LITEASR_MAX_QUEUE": str(OVERLOAD_QUEUE),
         "LITEASR_MAX_BATCH_SIZE": "8",
-        "LITEASR_MAX_BATCH_WAIT_MS": "20",
     }
     with serve(settings, work / "server.log") as running:
         yield running

@@ -39,9 +39,11 @@ def wav_bytes(audio: np.ndarray, rate: int = 16000, subtype: str = "PCM_16") -> 
     return buffer.getvalue()
 
 
-def multi_window_batches(samples: dict) -> float:
-    """Model calls over more than one window so far."""
-    return value(samples, "liteasr_batch_size_count") - value(samples, "liteasr_batch_size_bucket", le="1.0")
+def shared_steps(samples: dict) -> float:
+    """Decode steps over more than one row so far."""
+    return value(samples, "liteasr_decode_step_rows_count") - value(
+        samples, "liteasr_decode_step_rows_bucket", le="1.0"
+    )
 
 
 async def post_many(url: str, requests: list[dict]) -> list[httpx.Response]:
@@ -71,7 +73,6 @@ def server(tiny_en_dir, tmp_path_factory) -> RunningServer:
         "LITEASR_MODEL": str(tiny_en_dir),
         "LITEASR_CACHE_DIR": str(work / "cache"),
         "LITEASR_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
-        "LITEASR_MAX_BATCH_WAIT_MS": "300",  # concurrent clients arrive within it: they share a batch
         "LITEASR_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
         "LITEASR_MAX_AUDIO_SECONDS": str(MAX_AUDIO_SECONDS),
     }
@@ -109,7 +110,7 @@ def test_jfk_wav_transcribes(client, jfk_file, tiny_en_dir):
     assert 0 < timings["inference_s"] <= timings["total_s"]
 
 
-def test_concurrent_clients_share_batches(server, client, jfk_file):
+def test_concurrent_clients_share_decode_steps(server, client, jfk_file):
     before = scrape(client)
     responses = asyncio.run(
         post_many(server.url, [{"path": "/transcribe", "files": jfk_file} for _ in range(8)])
@@ -120,7 +121,7 @@ def test_concurrent_clients_share_batches(server, client, jfk_file):
         assert response.status_code == 200, response.text
         assert words(response.json()["text"]) == words(JFK)
     assert max(r.json()["timings"]["batch_size"] for r in responses) > 1
-    assert multi_window_batches(after) > multi_window_batches(before)
+    assert shared_steps(after) > shared_steps(before)
     assert value(after, "liteasr_windows_total") - value(before, "liteasr_windows_total") == 8
 
 
@@ -216,8 +217,11 @@ def test_metrics_appear_and_move(client, jfk_file, tiny_en_dir):
     assert delta("liteasr_audio_seconds_total") == pytest.approx(11.0, abs=0.05)
     assert delta("liteasr_windows_total") == 1
     assert delta("liteasr_queue_wait_seconds_count") == 1
-    assert delta("liteasr_inference_duration_seconds_count") >= 1
-    assert delta("liteasr_batch_size_count") >= 1
+    assert delta("liteasr_encoder_pass_duration_seconds_count") == 1
+    assert delta("liteasr_encoder_pass_windows_sum") == 1
+    assert delta("liteasr_decode_step_duration_seconds_count") >= 20  # one step per token
+    assert delta("liteasr_decode_step_rows_sum") == delta("liteasr_decode_step_duration_seconds_count")
+    assert delta("liteasr_decoded_tokens_total") >= 20 and delta("liteasr_model_busy_seconds_total") > 0
     for gauge in ("liteasr_queue_depth", "liteasr_requests_in_flight", "liteasr_windows_running"):
         assert (gauge, frozenset()) in after
     assert value(after, "liteasr_requests_in_flight") == 0
@@ -236,7 +240,9 @@ def test_metrics_appear_and_move(client, jfk_file, tiny_en_dir):
         "timeout",
         "client_gone",
     } <= reasons
-    buckets = [float(dict(labels)["le"]) for name, labels in after if name == "liteasr_batch_size_bucket"]
+    buckets = [
+        float(dict(labels)["le"]) for name, labels in after if name == "liteasr_decode_step_rows_bucket"
+    ]
     assert buckets[:MAX_BATCH_SIZE] == [float(i) for i in range(1, MAX_BATCH_SIZE + 1)]
 
 
@@ -264,8 +270,7 @@ def small_server(tiny_en_dir, tmp_path_factory) -> RunningServer:
         "LITEASR_MODEL": str(tiny_en_dir),
         "LITEASR_CACHE_DIR": str(work / "cache"),
         "LITEASR_MAX_QUEUE": "2",
-        "LITEASR_MAX_BATCH_SIZE": "1",  # one window per model call: the order of service is visible
-        "LITEASR_MAX_BATCH_WAIT_MS": "0",
+        "LITEASR_MAX_BATCH_SIZE": "1",  # one decoder row: the order of service is visible
         "LITEASR_SHUTDOWN_GRACE_S": "120",
     }
     with serve(settings, work / "server.log") as running:
@@ -294,13 +299,18 @@ def test_client_gone_queue_full_fairness_and_graceful_shutdown(small_server, cli
         long_request = pool.submit(post, "long", long_file)
         wait_until(lambda: gauge("liteasr_windows_running") > 0, what="the long request's first window")
 
-        # B: admitted and queued behind A, then its client gives up: its window is dropped.
+        # B: admitted behind A, then its client gives up: its window is dropped from the queue, or its row freed
+        # if it had started decoding (it takes the row after A's first window: B has had fewer windows).
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/transcribe", files=jfk_file, timeout=httpx.Timeout(30.0, read=1.0))
-        wait_until(
-            lambda: gauge("liteasr_windows_dropped_total", reason="client_gone") == 1,
-            what="the dropped window",
-        )
+
+        def forgotten() -> float:
+            samples = scrape(monitor)
+            return value(samples, "liteasr_windows_dropped_total", reason="client_gone") + value(
+                samples, "liteasr_rows_freed_total", reason="client_gone"
+            )
+
+        wait_until(lambda: forgotten() == 1, what="the dropped window")
         assert gauge("liteasr_requests_rejected_total", reason="client_gone") == 1
 
         # C fills the queue (A + C = MAX_QUEUE); D is refused before its upload is read.
