@@ -1,4 +1,5 @@
-"""Deployment and observability files, checked with the real tools. No Docker engine runs here: nothing is built.
+"""Deployment and observability files, checked with the real tools. Nothing is built here: `make image-test`
+(tests/image) builds the image and runs it and the compose stack.
 
 - promtool checks deploy/prometheus (config, alert rules) and runs the alerts' unit tests (alerts_test.yml);
 - a real Prometheus server on loopback scrapes the real service (`python -m app`, Whisper tiny.en) through a few
