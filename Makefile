@@ -7,7 +7,7 @@ DEFAULT_BASE := models/whisper-base
 DEFAULT_MODEL := models/lite-whisper-base
 CALIBRATION := data/speech/manifest.jsonl
 
-.PHONY: setup run test lint format bench default-model clean-models
+.PHONY: setup run test image-test lint format bench default-model clean-models
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,18 @@ run: default-model
 
 test: setup
 	$(PY) -m pytest -q
+
+# The CPU image and the compose stack, built and run for real (tests/image; as root, minutes of CPU). DOCKER: a
+# client that builds with BuildKit (Debian's docker.io has it built in; a newer docker needs the buildx plugin).
+# The torch wheel comes from pip's find-links folder where pip has one, the CA bundle for pip from the system.
+DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
+IMAGE_BASE ?= liteasr-local/debian:bookworm
+IMAGE_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+
+image-test: setup
+	DOCKER=$(DOCKER) LITEASR_IMAGE_TEST=1 LITEASR_IMAGE_BASE=$(IMAGE_BASE) LITEASR_IMAGE_CA_BUNDLE=$(IMAGE_CA_BUNDLE) \
+	LITEASR_IMAGE_TORCH_WHEELS="$$($(PY) -m pip config get global.find-links 2>/dev/null)" \
+	$(PY) -m pytest -q -s tests/image
 
 lint: setup
 	$(VENV)/bin/ruff check liteasr app tests bench
