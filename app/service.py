@@ -133,7 +133,8 @@ class Service:
             {
                 "model": info.name,
                 "device": info.device,
-                "dtype": info.quantization or info.dtype,
+                "dtype": info.dtype,
+                "quantization": info.quantization or "none",
                 "encoder_parameters": str(info.encoder_parameters),
                 "multilingual": str(info.multilingual).lower(),
             }

@@ -350,6 +350,23 @@ def run_direct_texts(engine, clips: list[Clip]) -> list[tuple[str, str]]:
     ]
 
 
+def run_sequential(name: str, transcribe, clips: list[Clip], requests: int) -> Level:
+    """`requests` calls of `transcribe(clip)` one after the other on the engine thread (the clips in turn)."""
+    on_engine_thread(transcribe, clips[0])  # warm-up
+    load_before = os.getloadavg()[0]
+    latencies, answers, audio = [], [], 0.0
+    for i in range(requests):
+        clip = clips[i % len(clips)]
+        started = time.perf_counter()
+        answers.append((clip.id, on_engine_thread(transcribe, clip)))
+        latencies.append(time.perf_counter() - started)
+        audio += clip.seconds
+    level = Level(name, 1, requests, audio, sum(latencies), latencies, answers=answers)
+    level.load_before, level.load_after = load_before, os.getloadavg()[0]
+    print(f"  {level.config}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s", flush=True)
+    return level
+
+
 def run_faster_whisper(
     ct2_dir: Path, compute_type: str, clips: list[Clip], requests: int, device: str = "cpu"
 ) -> Level:
@@ -364,20 +381,7 @@ def run_faster_whisper(
         )
         return " ".join(segment.text.strip() for segment in segments)
 
-    on_engine_thread(transcribe, clips[0])  # warm-up
-    load_before = os.getloadavg()[0]
-    latencies, answers, audio = [], [], 0.0
-    for i in range(requests):
-        clip = clips[i % len(clips)]
-        started = time.perf_counter()
-        text = on_engine_thread(transcribe, clip)
-        latencies.append(time.perf_counter() - started)
-        answers.append((clip.id, text))
-        audio += clip.seconds
-    level = Level(f"faster-whisper {compute_type}", 1, requests, audio, sum(latencies), latencies)
-    level.answers, level.load_before, level.load_after = answers, load_before, os.getloadavg()[0]
-    print(f"  {level.config}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s", flush=True)
-    return level
+    return run_sequential(f"faster-whisper {compute_type}", transcribe, clips, requests)
 
 
 def run_generate(engine, clips: list[Clip], requests: int) -> Level:
@@ -393,19 +397,7 @@ def run_generate(engine, clips: list[Clip], requests: int) -> Level:
     def transcribe(clip: Clip) -> str:
         return reference.transcribe_windows([clip.samples], [DecodeOptions()])[0].text
 
-    on_engine_thread(transcribe, clips[0])  # warm-up
-    load_before = os.getloadavg()[0]
-    latencies, answers, audio = [], [], 0.0
-    for i in range(requests):
-        clip = clips[i % len(clips)]
-        started = time.perf_counter()
-        answers.append((clip.id, on_engine_thread(transcribe, clip)))
-        latencies.append(time.perf_counter() - started)
-        audio += clip.seconds
-    level = Level("transformers generate", 1, requests, audio, sum(latencies), latencies, answers=answers)
-    level.load_before, level.load_after = load_before, os.getloadavg()[0]
-    print(f"  {level.config}: {level.throughput:.2f} audio s/s, p50 {level.p50:.3f} s", flush=True)
-    return level
+    return run_sequential("transformers generate", transcribe, clips, requests)
 
 
 def decoder_steps(engine, clip: Clip, rows_list=(1, 8, 16), steps: int = 20) -> dict:

@@ -229,6 +229,9 @@ def test_metrics_appear_and_move(client, jfk_file, tiny_en_dir):
     info = next(dict(labels) for name, labels in after if name == "liteasr_model_info")
     assert info["model"] == tiny_en_dir.name
     assert info["device"] in ("cpu", "cuda:0") and info["dtype"] in ("float32", "float16")
+    assert info["quantization"] == (
+        "int8-decoder" if info["device"] == "cpu" else "none"
+    )  # LITEASR_INT8 default
     assert int(info["encoder_parameters"]) > 1_000_000
     reasons = {dict(labels)["reason"] for name, labels in after if name == "liteasr_requests_rejected_total"}
     assert {
