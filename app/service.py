@@ -123,9 +123,10 @@ class Service:
                 int8=self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None,
                 name=name,
             )
+        scheduler = engine.scheduler(max_rows=self.settings.max_batch_size)
         if self.settings.warmup:
-            engine.warmup()
-        return engine, engine.scheduler(max_rows=self.settings.max_batch_size)
+            engine.warmup(scheduler)
+        return engine, scheduler
 
     def _describe(self, engine: SpeechEngine) -> None:
         info = engine.info
@@ -291,7 +292,7 @@ class Service:
         self.metrics.audio_seconds.inc(duration)
         first_start = min(o.started for o in outcomes)
         timings = Timings(
-            queue_wait_s=round(first_start - job.submitted_at, 4),
+            queue_wait_s=round(min(o.queue_wait_s for o in outcomes), 4),
             inference_s=round(max(o.finished for o in outcomes) - first_start, 4),
             batch_size=max(o.max_rows for o in outcomes),
             decode_s=round(decode_s, 4),

@@ -18,6 +18,7 @@ It writes the results between the `bench:begin` / `bench:end` markers of the out
 kept), and the raw figures as JSON beside it (`--json`).
 
     .venv/bin/python bench/serve_bench.py [--clips 16] [--requests 48] [--batch-size 8] [--int8 decoder]
+                                          [--model models/lite-whisper-tiny.en] [--device cpu|cuda]
                                           [--output docs/benchmarks.md] [--json out/bench/serve_bench.json]
 """
 

@@ -99,6 +99,7 @@ class Engine:
         self.no_speech_token = gc.no_timestamps_token_id - 1
         self.timestamp_begin = gc.no_timestamps_token_id + 1
         self.rules = LogitRules(gc, model.config.vocab_size, self.device)
+        self._schedulers: dict[int, Scheduler] = {}  # transcribe_windows' own, by batch size
         self.info = ModelInfo(
             name=name,
             device=str(self.device),
@@ -213,21 +214,30 @@ class Engine:
         window that fails raises its error."""
         if len(windows) != len(options):
             raise ValueError(f"{len(windows)} windows but {len(options)} options")
-        scheduler = self.scheduler(max_rows=max(1, min(batch_size, len(windows))))
+        # One scheduler per batch size, kept: its slots (and on a GPU its CUDA graphs) are made once, not per call.
+        scheduler = self._schedulers.get(batch_size)
+        if scheduler is None:
+            scheduler = self._schedulers[batch_size] = self.scheduler(max_rows=max(1, batch_size))
         ids = [
             scheduler.add(samples, option, key=None if keys is None else keys[i])
             for i, (samples, option) in enumerate(zip(windows, options, strict=True))
         ]
         results: dict[int, WindowResult] = {}
         for iteration in scheduler.run_until_idle():
-            if iteration.failed:
+            if iteration.failed:  # the scheduler ran to idle first: it stays usable
                 raise iteration.failed[0][1]
             results.update((done.window, done.result) for done in iteration.finished)
         return [results[i] for i in ids]
 
-    def warmup(self) -> None:
-        """One short decode so the first request does not pay for lazy initialisation."""
-        self.transcribe_windows([np.zeros(SAMPLE_RATE, dtype=np.float32)], [DecodeOptions()])
+    def warmup(self, scheduler: Scheduler | None = None) -> None:
+        """One short decode (through `scheduler`, else this engine's own) so the first request does not pay for
+        lazy initialisation."""
+        silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        if scheduler is None:
+            self.transcribe_windows([silence], [DecodeOptions()], batch_size=1)
+            return
+        scheduler.add(silence, DecodeOptions())
+        scheduler.run_until_idle()
 
     # -- the parts the scheduler uses ------------------------------------------------------------------------
 
@@ -345,6 +355,6 @@ class SpeechEngine(Protocol):
 
     def scheduler(self, *, max_rows: int = 8, encoder_batch: int | None = None) -> StepScheduler: ...
 
-    def warmup(self) -> None: ...
+    def warmup(self, scheduler: StepScheduler | None = None) -> None: ...
 
     def release_cached_memory(self) -> None: ...

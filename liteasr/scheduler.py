@@ -56,7 +56,6 @@ class Finished:
     admitted: float  # time.monotonic() when its encoder pass started
     finished: float
     max_rows: int  # most rows that shared a decode step with it
-    steps: int  # decode steps it took part in (every attempt)
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,6 @@ class _Row:
     greedy: Attempt | None = None
     looped: bool = False
     max_rows: int = 0
-    steps: int = 0
 
     def view(self) -> RowView:
         return RowView(self.tokens, self.window.options.timestamps, self.temperature, self.generator)
@@ -322,7 +320,6 @@ class Scheduler:
         report.step = PassStats(time.monotonic() - started, len(rows))
         for row in rows:
             row.max_rows = max(row.max_rows, report.step.size)
-            row.steps += 1
         self._advance(rows, tokens, logprobs, report)
 
     def _next_tokens(self, slots: slice | torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
@@ -397,7 +394,6 @@ class Scheduler:
                 row.admitted,
                 time.monotonic(),
                 row.max_rows,
-                row.steps,
             )
         )
         return True

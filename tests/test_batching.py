@@ -105,9 +105,7 @@ class FakeScheduler:
                     temperature=0.0,
                     looped=False,
                 )
-                report.finished.append(
-                    Finished(row[0], result, row[5], time.monotonic(), report.step.size, 1)
-                )
+                report.finished.append(Finished(row[0], result, row[5], time.monotonic(), report.step.size))
         return report
 
 
@@ -130,7 +128,7 @@ class FakeEngine:
         self.schedulers.append(FakeScheduler(self, max_rows))
         return self.schedulers[-1]
 
-    def warmup(self) -> None:
+    def warmup(self, scheduler=None) -> None:
         pass
 
     def release_cached_memory(self) -> None:
