@@ -286,6 +286,9 @@ def test_client_gone_queue_full_fairness_and_graceful_shutdown(small_server, cli
     twice = io.BytesIO()
     sf.write(twice, np.concatenate([audio, audio]), rate, format="FLAC")  # 147 s: 5 or 6 windows
     long_file = {"file": ("long.flac", twice.getvalue(), "audio/flac")}
+    one_window = io.BytesIO()
+    sf.write(one_window, audio[: 29 * rate], rate, format="FLAC")
+    dense_window = {"file": ("window.flac", one_window.getvalue(), "audio/flac")}
     finished: dict[str, float] = {}
 
     def post(name: str, files: dict) -> httpx.Response:
@@ -303,9 +306,11 @@ def test_client_gone_queue_full_fairness_and_graceful_shutdown(small_server, cli
         wait_until(lambda: gauge("liteasr_windows_running") > 0, what="the long request's first window")
 
         # B: admitted behind A, then its client gives up: its window is dropped from the queue, or its row freed
-        # if it had started decoding (it takes the row after A's first window: B has had fewer windows).
+        # if it had started decoding (it takes the row after A's first window: B has had fewer windows). B is one
+        # window of dense speech (~100 tokens), so it cannot finish inside its 1 s read timeout even when A's
+        # window ends just as B arrives (jfk could, on a fast machine).
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/transcribe", files=jfk_file, timeout=httpx.Timeout(30.0, read=1.0))
+            httpx.post(f"{url}/transcribe", files=dense_window, timeout=httpx.Timeout(30.0, read=1.0))
 
         def forgotten() -> float:
             samples = scrape(monitor)
