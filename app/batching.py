@@ -65,6 +65,7 @@ class Ticket:
     def __init__(self, batcher: Batcher, engine: SpeechEngine) -> None:
         self._batcher = batcher
         self._released = False
+        self._kept = False
         self.engine = engine
         self.admitted_at = time.monotonic()
 
@@ -73,11 +74,17 @@ class Ticket:
             self._released = True
             self._batcher._release(self)
 
+    def keep_open(self) -> None:
+        """The answer outlives the `with` block (a stream): leaving it without an error no longer releases the
+        ticket; whoever called this releases it."""
+        self._kept = True
+
     def __enter__(self) -> Ticket:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if not self._kept or exc_type is not None:
+            self.release()
 
 
 class Job:

@@ -49,6 +49,7 @@ __all__ = [
     "UploadInvalid",
     "UploadTooLarge",
     "error_body",
+    "error_event",
     "install_error_handlers",
 ]
 
@@ -189,6 +190,21 @@ _HTTP_CODES = {
 
 def error_body(message: str, type_: str, code: str) -> dict:
     return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def error_event(exc: BaseException) -> tuple[dict, str | None]:
+    """The error shape of a failure that happens after a response has started (an SSE `error` event), with its
+    label of liteasr_requests_rejected_total (or None)."""
+    if isinstance(exc, ServiceError):
+        return error_body(exc.message, exc.type, exc.code), exc.reason
+    if isinstance(exc, LiteASRError):
+        mapping = next(DOMAIN_ERRORS[cls] for cls in type(exc).__mro__ if cls in DOMAIN_ERRORS)
+        if mapping.status < 500:
+            return error_body(str(exc), mapping.type, mapping.code), mapping.reason
+        logger.error("a streamed transcription failed", exc_info=exc)
+        return error_body("internal error", mapping.type, mapping.code), mapping.reason
+    logger.error("a streamed transcription failed", exc_info=exc)
+    return error_body("internal error", "server_error", "internal_error"), None
 
 
 def error_response(

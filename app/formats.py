@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -12,10 +13,21 @@ from app.schemas import (
     Timings,
     TranscriptionOut,
     VerboseTranscription,
+    WordOut,
 )
 from liteasr.decoding import Segment, Transcription
 
-__all__ = ["Outcome", "render", "segments_out", "srt", "timestamp", "vtt"]
+__all__ = [
+    "Outcome",
+    "done_event",
+    "render",
+    "segments_out",
+    "srt",
+    "timestamp",
+    "transcription_body",
+    "vtt",
+    "words_out",
+]
 
 
 @dataclass(frozen=True)
@@ -29,9 +41,16 @@ class Outcome:
 
 
 def render(
-    outcome: Outcome, response_format: str, *, openai: bool = False, segments: bool = False
+    outcome: Outcome,
+    response_format: str,
+    *,
+    openai: bool = False,
+    segments: bool = False,
+    words: bool = False,
 ) -> Response:
-    """The HTTP response for one format; `openai` gives OpenAI's bodies, else the richer /transcribe ones."""
+    """The HTTP response for one format; `openai` gives OpenAI's bodies, else the richer /transcribe ones.
+    `segments`, `words`: list them in the JSON bodies (verbose_json always lists segments unless only words were
+    asked for)."""
     t = outcome.transcription
     if response_format == "text":
         return PlainTextResponse(t.text + "\n")
@@ -45,24 +64,59 @@ def render(
             language=t.language,
             duration=round(t.duration, 3),
             text=t.text,
-            segments=segments_out(t),
-        ).model_dump()
+            segments=segments_out(t) if segments or not words else None,
+            words=words_out(t) if words else None,
+        ).model_dump(exclude_none=True)
         if not openai:
             body.update(model=outcome.model, windows=t.windows, timings=outcome.timings.model_dump())
         return JSONResponse(body)
     if openai:
         return JSONResponse(OpenAITranscription(text=t.text).model_dump())
-    return JSONResponse(
-        TranscriptionOut(
-            text=t.text,
-            language=t.language,
-            duration=round(t.duration, 3),
-            model=outcome.model,
-            windows=t.windows,
-            segments=segments_out(t) if segments else None,
-            timings=outcome.timings,
-        ).model_dump(exclude_none=True)
-    )
+    return JSONResponse(transcription_body(outcome, segments=segments, words=words))
+
+
+def transcription_body(outcome: Outcome, *, segments: bool, words: bool) -> dict[str, Any]:
+    """The JSON body of `POST /transcribe`."""
+    t = outcome.transcription
+    return TranscriptionOut(
+        text=t.text,
+        language=t.language,
+        duration=round(t.duration, 3),
+        model=outcome.model,
+        windows=t.windows,
+        segments=segments_out(t) if segments or words else None,
+        words=words_out(t) if words else None,
+        timings=outcome.timings,
+    ).model_dump(exclude_none=True)
+
+
+def done_event(
+    outcome: Outcome, *, openai: bool, segments: bool = False, words: bool = False
+) -> dict[str, Any]:
+    """The last event of a stream: OpenAI's `transcript.text.done`; on /transcribe (`openai=False`) it also
+    carries the whole JSON answer (language, duration, timings, and segments or words when asked for)."""
+    t = outcome.transcription
+    event: dict[str, Any] = {
+        "type": "transcript.text.done",
+        "text": t.text,
+        "usage": {"type": "duration", "seconds": round(t.duration, 3)},
+    }
+    if not openai:
+        event.update(transcription_body(outcome, segments=segments, words=words), type=event["type"])
+    return event
+
+
+def words_out(t: Transcription) -> list[WordOut]:
+    """The words of a transcript, their times clipped to the audio."""
+    end_of_audio = t.duration if t.duration > 0 else float("inf")
+    out = []
+    for w in t.words:
+        start = round(min(max(0.0, w.start), end_of_audio), 3)
+        end = round(min(max(w.end, w.start), end_of_audio), 3)
+        out.append(
+            WordOut(word=w.text, start=start, end=max(end, start), probability=round(w.probability, 4))
+        )
+    return out
 
 
 def segments_out(t: Transcription) -> list[SegmentOut]:

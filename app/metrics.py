@@ -136,6 +136,19 @@ class Metrics:
             ["reason"],
             **common,
         )
+        self.stream_first_event = Histogram(
+            "stream_first_event_seconds",
+            "Streamed transcriptions (stream=true): time from admission to the first event (the first text, or "
+            "the end for audio without speech).",
+            buckets=LATENCY_BUCKETS,
+            **common,
+        )
+        self.stream_revisions = Counter(
+            "stream_revisions",
+            "Streamed windows whose text was decoded again after part of it was sent (a loop-guard fallback): "
+            "their final text is in the done event only.",
+            **common,
+        )
         self.batch_retries = Counter(
             "batch_retries",
             "Encoder passes or decode steps that failed and were retried: window by window after an error, in "

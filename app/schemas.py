@@ -13,6 +13,7 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.errors import UnsupportedParameter
 from app.uploads import Upload
 from liteasr.engine import DecodeOptions
 
@@ -31,11 +32,13 @@ __all__ = [
     "OpenAIForm",
     "OpenAITranscription",
     "ResponseFormat",
+    "STREAM_FORMATS",
     "SegmentOut",
     "Timings",
     "TranscribeForm",
     "TranscriptionOut",
     "VerboseTranscription",
+    "WordOut",
     "multipart_body",
 ]
 
@@ -74,6 +77,21 @@ class _Form(BaseModel):
         return value
 
 
+_PROMPT = (
+    "Previous text: spellings, names and style the transcript should follow (Whisper's <|startofprev|> prompt; "
+    "its last 223 tokens are used)."
+)
+_TEMPERATURE = (
+    "Where the fallback ladder starts: 0 decodes greedily and samples at rising temperatures only when a window "
+    "loops; above 0, the first attempt samples at this temperature."
+)
+_STREAM = (
+    "Answer with Server-Sent Events: `transcript.text.delta` events as tokens decode, then "
+    "`transcript.text.done` with the whole text (response_format json or text)."
+)
+STREAM_FORMATS = ("json", "text")  # stream=true: the events are the answer, whatever else was asked
+
+
 class TranscribeForm(_Form):
     """Fields of `POST /transcribe` besides `file`."""
 
@@ -84,13 +102,42 @@ class TranscribeForm(_Form):
         "transcribe", description="`translate` gives English text."
     )
     response_format: ResponseFormat = "json"
-    timestamps: bool = Field(False, description="Include segments with start/end times in the JSON answer.")
+    timestamps: Literal["none", "segment", "word"] = Field(
+        "none",
+        description="`segment` (or `true`): segments with start/end times in the JSON answer; `word`: also "
+        "`words` with the start/end of every word.",
+    )
+    prompt: str | None = Field(None, max_length=20_000, description=_PROMPT)
+    temperature: float = Field(0.0, ge=0.0, le=1.0, description=_TEMPERATURE)
+    stream: bool = Field(False, description=_STREAM)
+
+    @field_validator("timestamps", mode="before")
+    @classmethod
+    def _timestamps(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"true": "segment", "1": "segment", "false": "none", "0": "none", "": "none"}.get(
+                value, value
+            )
+        if isinstance(value, bool):
+            return "segment" if value else "none"
+        return value
 
     def decode_options(self) -> DecodeOptions:
+        words = self.timestamps == "word"
+        if words and self.response_format not in ("json", "verbose_json"):
+            raise UnsupportedParameter(
+                "timestamps=word needs response_format=json or verbose_json (the words are listed in the JSON "
+                f"answer), not {self.response_format}"
+            )
+        _check_stream(self.stream, self.response_format)
         return DecodeOptions(
             language=self.language,
             task=self.task,
-            timestamps=self.timestamps or self.response_format in TIMED_FORMATS,
+            timestamps=self.timestamps != "none" or self.response_format in TIMED_FORMATS,
+            words=words,
+            prompt=self.prompt,
+            temperature=self.temperature,
         )
 
 
@@ -99,20 +146,15 @@ class OpenAIForm(_Form):
 
     model: str | None = Field(None, description="Accepted and ignored: the service serves one model.")
     language: str | None = Field(None, description="ISO-639-1 code of the speech (transcriptions only).")
-    prompt: str | None = Field(
-        None, description="Accepted and ignored: the engine does not condition on a prompt."
-    )
+    prompt: str | None = Field(None, max_length=20_000, description=_PROMPT)
     response_format: ResponseFormat = "json"
-    temperature: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Accepted and ignored: decoding is greedy, with the engine's own temperature fallback on loops.",
-    )
+    temperature: float = Field(0.0, ge=0.0, le=1.0, description=_TEMPERATURE)
     timestamp_granularities: list[Literal["segment", "word"]] = Field(
-        default_factory=list, description="`segment` (with verbose_json); `word` is not supported (400)."
+        default_factory=list,
+        description="With verbose_json: `segment` (the default) lists segments, `word` lists words with their "
+        "start and end; both may be given.",
     )
-    stream: bool = Field(False, description="Streaming is not supported; `true` gives 400.")
+    stream: bool = Field(False, description=_STREAM)
 
     @classmethod
     def _values(cls, upload: Upload) -> dict[str, Any]:
@@ -122,6 +164,38 @@ class OpenAIForm(_Form):
         )
         values["timestamp_granularities"] = [g.strip() for g in granularities if g.strip()]
         return values
+
+    @property
+    def words(self) -> bool:
+        return "word" in self.timestamp_granularities
+
+    @property
+    def segments(self) -> bool:
+        return "segment" in self.timestamp_granularities or not self.timestamp_granularities
+
+    def decode_options(self, task: str) -> DecodeOptions:
+        if self.words and self.response_format != "verbose_json":
+            raise UnsupportedParameter(
+                "timestamp_granularities[]=word needs response_format=verbose_json (OpenAI's rule: the words "
+                f"are listed in the verbose JSON answer), not {self.response_format}"
+            )
+        _check_stream(self.stream, self.response_format)
+        return DecodeOptions(
+            language=self.language,
+            task=task,
+            timestamps=self.response_format in TIMED_FORMATS,
+            words=self.words,
+            prompt=self.prompt,
+            temperature=self.temperature,
+        )
+
+
+def _check_stream(stream: bool, response_format: str) -> None:
+    if stream and response_format not in STREAM_FORMATS:
+        raise UnsupportedParameter(
+            f"stream=true answers with transcript.text events; response_format must be json or text, not "
+            f"{response_format}"
+        )
 
 
 def multipart_body(form: type[BaseModel]) -> dict[str, Any]:
@@ -151,6 +225,13 @@ class SegmentOut(BaseModel):
     no_speech_prob: float
 
 
+class WordOut(BaseModel):
+    word: str  # with its leading space, as Whisper writes it; punctuation attached
+    start: float  # seconds from the start of the audio
+    end: float
+    probability: float  # mean probability of its tokens
+
+
 class Timings(BaseModel):
     queue_wait_s: float = Field(
         description="From submission to the start of the encoder pass of this audio's first window (waiting for "
@@ -176,7 +257,10 @@ class TranscriptionOut(BaseModel):
     duration: float = Field(description="Seconds of audio.")
     model: str
     windows: int = Field(description="30-second windows the audio was split into.")
-    segments: list[SegmentOut] | None = Field(None, description="Present when `timestamps=true`.")
+    segments: list[SegmentOut] | None = Field(
+        None, description="Present when `timestamps` is `segment` or `word`."
+    )
+    words: list[WordOut] | None = Field(None, description="Present when `timestamps=word`.")
     timings: Timings
 
 
@@ -193,7 +277,10 @@ class VerboseTranscription(BaseModel):
     language: str
     duration: float
     text: str
-    segments: list[SegmentOut]
+    segments: list[SegmentOut] | None = Field(
+        None, description="Present unless only `timestamp_granularities[]=word` was asked for."
+    )
+    words: list[WordOut] | None = Field(None, description="Present with `timestamp_granularities[]=word`.")
 
 
 class ModelCard(BaseModel):

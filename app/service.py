@@ -15,13 +15,15 @@ fresh process serves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
+from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -40,6 +42,7 @@ from app.formats import Outcome
 from app.metrics import Metrics
 from app.registry import ModelRegistry
 from app.schemas import Timings
+from app.streaming import TextDeltas, stream_transcription
 from app.uploads import Upload, read_upload
 from liteasr.audio import SAMPLE_RATE, Window, decode_audio, split_windows
 from liteasr.decoding import DecodeOptions, Transcription, stitch
@@ -254,10 +257,38 @@ class Service:
         assert self.batcher is not None
         self.batcher.check_options(options, ticket.engine)
 
+    async def stream(
+        self,
+        ticket: Ticket,
+        request: Request,
+        data: bytes,
+        options: DecodeOptions,
+        done: Callable[[Outcome], dict[str, Any]],
+    ) -> StreamingResponse:
+        """`transcribe` as Server-Sent Events (`app.streaming`); the ticket is released when the transcription
+        ends, not when the route returns. `done(outcome)`: the body of the last event."""
+        ticket.keep_open()
+
+        def start(on_text: Callable[[str], None]) -> asyncio.Task[Outcome]:
+            task = asyncio.ensure_future(self.transcribe(ticket, request, data, options, on_text=on_text))
+            task.add_done_callback(lambda _: ticket.release())
+            return task
+
+        response = await stream_transcription(start, done, self.metrics)
+        self.metrics.stream_first_event.observe(time.monotonic() - ticket.admitted_at)
+        return response
+
     async def transcribe(
-        self, ticket: Ticket, request: Request, data: bytes, options: DecodeOptions
+        self,
+        ticket: Ticket,
+        request: Request,
+        data: bytes,
+        options: DecodeOptions,
+        *,
+        on_text: Callable[[str], None] | None = None,
     ) -> Outcome:
-        """Decode the upload off the event loop, queue its windows, stitch their results in order."""
+        """Decode the upload off the event loop, queue its windows, stitch their results in order. `on_text`:
+        called with each piece of the transcript as it decodes, in order (`app.streaming.TextDeltas`)."""
         assert self.batcher is not None
         deadline = ticket.admitted_at + self.settings.request_timeout_s
         watcher = asyncio.ensure_future(_disconnected(request.receive))
@@ -274,7 +305,16 @@ class Service:
                     queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
                 )
                 return Outcome(transcription, ticket.engine.info.name, options.task, timings)
-            job = self.batcher.submit([window.samples for window in windows], options, ticket)
+            deltas = None if on_text is None else TextDeltas(ticket.engine.text, len(windows), on_text)
+            job = self.batcher.submit(
+                [window.samples for window in windows],
+                options,
+                ticket,
+                on_token=None if deltas is None else deltas.token,
+            )
+            if deltas is not None:
+                for index, future in enumerate(job.futures):
+                    future.add_done_callback(functools.partial(_window_done, deltas, index))
             try:
                 outcomes = await self._until(job.results(), deadline, watcher)
             except ServiceError as error:
@@ -288,6 +328,8 @@ class Service:
                 raise
         finally:
             watcher.cancel()
+        if deltas is not None and deltas.revised:
+            self.metrics.stream_revisions.inc(deltas.revised)
         transcription = stitch(windows, [o.result for o in outcomes], duration)
         self.metrics.audio_seconds.inc(duration)
         first_start = min(o.started for o in outcomes)
@@ -327,6 +369,11 @@ class Service:
         return RequestTimedOut(
             f"no answer within {self.settings.request_timeout_s:g} s of admission (LITEASR_REQUEST_TIMEOUT_S)"
         )
+
+
+def _window_done(deltas: TextDeltas, index: int, future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        deltas.window_done(index, future.result().result.text)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -27,7 +27,14 @@ def _transcribe(args: argparse.Namespace) -> None:
     engine = Engine.load(
         args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard), int8=args.int8
     )
-    options = DecodeOptions(language=args.language, task=args.task, timestamps=args.timestamps)
+    options = DecodeOptions(
+        language=args.language,
+        task=args.task,
+        timestamps=args.timestamps,
+        words=args.words,
+        prompt=args.prompt,
+        temperature=args.temperature,
+    )
     audios = [load_audio(path) for path in args.files]
     results = engine.transcribe(audios, options, batch_size=args.batch_size)
     for path, result in zip(args.files, results, strict=True):
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default=None)
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     p.add_argument("--timestamps", action="store_true", help="segment start and end times")
+    p.add_argument("--words", action="store_true", help="word start and end times")
+    p.add_argument("--prompt", default=None, help="previous text: spellings and names to follow")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="where the fallback ladder starts (0: greedy first)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     _add_engine_options(p)
     p.set_defaults(func=_transcribe)

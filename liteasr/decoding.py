@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from liteasr.audio import Window
 
 __all__ = [
+    "MAX_PROMPT_TOKENS",
     "MAX_WINDOW_TOKENS",
     "TASKS",
     "Attempt",
@@ -29,6 +30,7 @@ __all__ = [
     "TokenEvent",
     "Transcription",
     "WindowResult",
+    "Word",
     "compression_ratio",
     "find_repetition",
     "first_period_end",
@@ -38,6 +40,8 @@ __all__ = [
 TASKS = ("transcribe", "translate")
 # CTranslate2 caps one window at 224 tokens; a window that needs more is looping.
 MAX_WINDOW_TOKENS = 224
+# Whisper's previous-text prompt: half the decoder context, less <|startofprev|> (openai-whisper cuts it so too).
+MAX_PROMPT_TOKENS = 223
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,17 @@ class DecodeOptions:
     language: str | None = None  # ISO-639-1 code; None: detected (multilingual) or English (.en models)
     task: str = "transcribe"  # or "translate" (multilingual models only)
     timestamps: bool = False  # segment start/end times
+    words: bool = False  # word start/end times (cross-attention alignment after decoding)
+    prompt: str | None = None  # previous text: spellings and style to follow (its last MAX_PROMPT_TOKENS)
+    temperature: float = (
+        0.0  # where the fallback ladder starts; 0: greedy, then the loop guard's temperatures
+    )
+
+    def ladder(self, guard: LoopGuard) -> tuple[float, ...]:
+        """The temperatures of a window's attempts: this one first, then the guard's higher ones."""
+        if not guard.enabled:
+            return (self.temperature,)
+        return (self.temperature, *(t for t in guard.temperatures if t > self.temperature))
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,7 @@ class TokenEvent:
     fallback at the next temperature): the tokens of earlier attempts are void."""
 
     window: int  # the id `Scheduler.add` returned
-    attempt: int  # 0: greedy; n: the n-th fallback temperature
+    attempt: int  # 0: the first attempt (greedy unless a temperature was asked for); n: the n-th fallback
     token: int
 
 
@@ -122,6 +137,14 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Word:
+    start: float  # seconds from the start of the window (of the audio, once stitched)
+    end: float
+    text: str  # with its leading space, as Whisper writes it; punctuation attached
+    probability: float  # mean probability of its tokens
+
+
+@dataclass(frozen=True)
 class WindowResult:
     """The decoder's answer for one window; segment times are relative to the window."""
 
@@ -133,8 +156,9 @@ class WindowResult:
     compression_ratio: float
     no_speech_prob: float
     temperature: float
-    looped: bool  # the greedy pass looked degenerate (fallback or cut followed)
+    looped: bool  # the first attempt looked degenerate (fallback or cut followed)
     cut: bool = False  # a loop survived every temperature and was cut
+    words: tuple[Word, ...] = ()  # with DecodeOptions.words
 
 
 @dataclass(frozen=True)
@@ -145,16 +169,19 @@ class Transcription:
     segments: tuple[Segment, ...] = ()
     windows: int = 1
     loops: int = 0  # windows whose greedy output looked like a loop
+    words: tuple[Word, ...] = ()
 
 
 def stitch(windows: Sequence[Window], results: Sequence[WindowResult], duration: float) -> Transcription:
     """Join the windows of one audio back in order, shifting segment times by each window's offset."""
-    segments = []
+    segments, words = [], []
     for window, result in zip(windows, results, strict=True):
         for segment in result.segments:
             segments.append(
                 replace(segment, start=segment.start + window.offset, end=segment.end + window.offset)
             )
+        for word in result.words:
+            words.append(replace(word, start=word.start + window.offset, end=word.end + window.offset))
     text = " ".join(result.text for result in results if result.text)
     languages = [result.language for result in results if result.text] or [results[0].language]
     return Transcription(
@@ -164,6 +191,7 @@ def stitch(windows: Sequence[Window], results: Sequence[WindowResult], duration:
         segments=tuple(segments),
         windows=len(results),
         loops=sum(result.looped for result in results),
+        words=tuple(words),
     )
 
 

@@ -20,8 +20,18 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from liteasr.alignment import warm_up as warm_up_alignment
 from liteasr.audio import SAMPLE_RATE, WINDOW_SECONDS, split_windows
-from liteasr.decoding import TASKS, DecodeOptions, LoopGuard, Segment, Transcription, WindowResult, stitch
+from liteasr.decoding import (
+    MAX_PROMPT_TOKENS,
+    TASKS,
+    DecodeOptions,
+    LoopGuard,
+    Segment,
+    Transcription,
+    WindowResult,
+    stitch,
+)
 from liteasr.errors import InvalidOptionError
 from liteasr.logits import LogitRules
 from liteasr.modeling import encoder_parameters, load_model, quantize_int8
@@ -98,6 +108,10 @@ class Engine:
         self.no_timestamps_token = gc.no_timestamps_token_id
         self.no_speech_token = gc.no_timestamps_token_id - 1
         self.timestamp_begin = gc.no_timestamps_token_id + 1
+        self.previous_text_token: int | None = getattr(gc, "prev_sot_token_id", None)
+        self.alignment_heads: tuple[tuple[int, int], ...] = tuple(
+            (int(layer), int(head)) for layer, head in getattr(gc, "alignment_heads", None) or ()
+        )
         self.rules = LogitRules(gc, model.config.vocab_size, self.device)
         self._schedulers: dict[int, Scheduler] = {}  # transcribe_windows' own, by batch size
         self.info = ModelInfo(
@@ -171,6 +185,16 @@ class Engine:
             raise InvalidOptionError(
                 f"unknown language {options.language!r}; use an ISO-639-1 code such as 'en' or 'de'"
             )
+        if not 0.0 <= options.temperature <= 1.0:
+            raise InvalidOptionError(f"temperature must be between 0 and 1, not {options.temperature:g}")
+        if options.prompt and options.prompt.strip() and self.previous_text_token is None:
+            raise InvalidOptionError(
+                f"model {self.name} has no <|startofprev|> token and cannot be prompted with previous text"
+            )
+        if options.words and not self.alignment_heads:
+            raise InvalidOptionError(
+                f"model {self.name} has no alignment heads in its generation config; word timestamps need them"
+            )
 
     # -- decoding -------------------------------------------------------------------------------------------
 
@@ -232,6 +256,8 @@ class Engine:
     def warmup(self, scheduler: Scheduler | None = None) -> None:
         """One short decode (through `scheduler`, else this engine's own) so the first request does not pay for
         lazy initialisation."""
+        if self.alignment_heads:
+            warm_up_alignment()
         silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
         if scheduler is None:
             self.transcribe_windows([silence], [DecodeOptions()], batch_size=1)
@@ -255,17 +281,32 @@ class Engine:
         return self._id_to_language[best]
 
     def prompt(self, language: str, options: DecodeOptions) -> list[int]:
-        """The decoder prompt, as transformers' Whisper `generate` builds it: start, language and task
-        (multilingual models), then <|notimestamps|> unless timestamps are asked for."""
-        tokens = [self.start_token]
+        """The decoder prompt, as transformers' Whisper `generate` builds it: the previous text if any
+        (`previous_text`), start, language and task (multilingual models), then <|notimestamps|> unless timestamps
+        are asked for."""
+        tokens = [*self.previous_text(options.prompt), self.start_token]
         if self.is_multilingual:
             tokens += [self.lang_to_id[f"<|{language}|>"], self.task_to_id[options.task]]
         if not options.timestamps:
             tokens.append(self.no_timestamps_token)
         return tokens
 
+    def previous_text(self, text: str | None) -> list[int]:
+        """<|startofprev|> and the last MAX_PROMPT_TOKENS tokens of `text` (cut from the left, as openai-whisper
+        does: the words nearest the audio matter most); [] without a prompt."""
+        if not text or not text.strip():
+            return []
+        tokens = self.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+        return [self.previous_text_token, *tokens[-MAX_PROMPT_TOKENS:]]
+
     def text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def raw_text(self, tokens: Sequence[int]) -> str:
+        """Every token as written, special ones included, spaces untouched (for splitting text into words)."""
+        return self.tokenizer.decode(
+            list(tokens), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def segments(
         self, tokens: Sequence[int], stats: dict[str, float], duration: float
@@ -352,6 +393,8 @@ class SpeechEngine(Protocol):
     def info(self) -> ModelInfo: ...
 
     def check_options(self, options: DecodeOptions) -> None: ...
+
+    def text(self, tokens: Sequence[int]) -> str: ...
 
     def scheduler(self, *, max_rows: int = 8, encoder_batch: int | None = None) -> StepScheduler: ...
 

@@ -25,17 +25,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from liteasr.alignment import align_words
 from liteasr.audio import SAMPLE_RATE
 from liteasr.decoding import (
     Attempt,
     DecodeOptions,
     TokenEvent,
     WindowResult,
+    Word,
     compression_ratio,
     find_repetition,
     first_period_end,
@@ -106,12 +108,14 @@ class _Row:
     no_speech: float
     budget: int
     admitted: float
+    ladder: tuple[float, ...] = (0.0,)  # the temperature of each attempt
+    streams: bool = True  # a listener may see its tokens as they decode: it cannot be judged silent
     attempt: int = 0
     temperature: float = 0.0
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    greedy: Attempt | None = None
+    first_attempt: Attempt | None = None  # kept: the answer when every attempt is degenerate
     looped: bool = False
     max_rows: int = 0
 
@@ -162,7 +166,9 @@ class Scheduler:
         self, samples: np.ndarray, options: DecodeOptions, *, key: Hashable = None, listen: bool = False
     ) -> int:
         """Queue one window of at most 30 s; returns its id. `key` groups the windows of one request (fairness,
-        `cancel`); `listen`: report its tokens as they are decoded (`Iteration.tokens`)."""
+        `cancel`); `listen`: report its tokens as they are decoded (`Iteration.tokens`), except while the window
+        may yet be judged silent (no-speech probability above the loop guard's threshold): the text of such a
+        window comes with its result only, so a listener never sees words that are then taken back."""
         if len(samples) > self.engine.window_samples:
             raise ValueError(
                 f"a window holds at most {self.engine.window_samples} samples, got {len(samples)}"
@@ -257,21 +263,37 @@ class Scheduler:
         engine, options = self.engine, window.options
         rows = slice(slot, slot + 1)
         language = options.language or ("en" if not engine.is_multilingual else None)
-        start = engine.start_token
-        if language is None:  # the first position alone decides the language, then the prompt goes on
-            first = self._logits(rows, [start], 0)
-            no_speech_logits, language = first[0], engine.detect_language(first[0])
-            prompt = engine.prompt(language, options)
-            after_prompt = self._logits(rows, prompt[1:], 1)[-1]
+        previous = engine.previous_text(options.prompt)
+        detected = language is None
+        if detected:  # the start token alone decides the language (as in openai-whisper: no previous text)
+            first = self._logits(rows, [engine.start_token], 0)
+            language = engine.detect_language(first[0])
+        prompt = engine.prompt(language, options)
+        if detected and not previous:  # position 0 is written already: the prompt goes on from there
+            no_speech_logits, after_prompt = first[0], self._logits(rows, prompt[1:], 1)[-1]
         else:
-            prompt = engine.prompt(language, options)
             logits = self._logits(rows, prompt, 0)
-            no_speech_logits, after_prompt = logits[0], logits[-1]
+            # No-speech is read at the start token, after the previous text if there is one.
+            no_speech_logits, after_prompt = logits[len(previous)], logits[-1]
         no_speech = float(no_speech_logits.float().softmax(dim=-1)[engine.no_speech_token])
         budget = min(
             self.guard.token_budget(len(window.samples) / SAMPLE_RATE), self.slots.max_positions - len(prompt)
         )
-        return _Row(window, prompt, after_prompt, language, no_speech, budget, admitted)
+        row = _Row(window, prompt, after_prompt, language, no_speech, budget, admitted)
+        row.streams = not self.guard.enabled or no_speech <= self.guard.no_speech_threshold
+        row.ladder = options.ladder(self.guard)
+        self._set_temperature(row)
+        return row
+
+    def _set_temperature(self, row: _Row) -> None:
+        """The temperature of the row's current attempt; every sampled attempt starts from the same seed, so the
+        same audio gives the same text whatever shares its steps."""
+        row.temperature = row.ladder[row.attempt]
+        row.generator = (
+            torch.Generator(device=self.slots.device).manual_seed(self.guard.seed)
+            if row.temperature > 0
+            else None
+        )
 
     def _logits(self, rows: slice, tokens: list[int], start: int) -> torch.Tensor:
         """Logits [T, vocab] of one row's `tokens` from position `start`."""
@@ -348,7 +370,7 @@ class Scheduler:
             else:
                 row.tokens.append(token)
                 row.logprobs.append(logprob)
-                if row.window.listen:
+                if row.window.listen and row.streams:
                     report.tokens.append(TokenEvent(row.window.id, row.attempt, token))
                 if len(row.tokens) < row.budget:
                     continue
@@ -372,30 +394,26 @@ class Scheduler:
         )
         degenerate = attempt.degenerate(self.engine.text(attempt.tokens), guard)
         if row.attempt == 0:
-            row.greedy, row.looped = attempt, degenerate
+            row.first_attempt, row.looped = attempt, degenerate
         retry = (
             degenerate
             and guard.enabled
-            and row.attempt < len(guard.temperatures)
+            and row.attempt + 1 < len(row.ladder)
             and row.no_speech <= guard.no_speech_threshold
         )
         if retry:
             row.attempt += 1
-            row.temperature = guard.temperatures[row.attempt - 1]
-            row.generator = torch.Generator(device=self.slots.device).manual_seed(guard.seed)
+            self._set_temperature(row)
             row.tokens, row.logprobs = [], []
             return False
-        # Not degenerate: this attempt. Degenerate at every temperature: the greedy one, cut in `_result`.
-        final = attempt if not degenerate else row.greedy
-        report.finished.append(
-            Finished(
-                row.window.id,
-                self._result(row, final),
-                row.admitted,
-                time.monotonic(),
-                row.max_rows,
-            )
-        )
+        # Not degenerate: this attempt. Degenerate at every temperature: the first one, cut in `_result`.
+        final = attempt if not degenerate else row.first_attempt
+        try:
+            result = self._result(row, final)
+        except Exception as error:  # the word alignment's extra pass: only this window fails
+            report.failed.append((row.window.id, _as_library_error(error)))
+            return True
+        report.finished.append(Finished(row.window.id, result, row.admitted, time.monotonic(), row.max_rows))
         return True
 
     def _free(self, slots: list[int]) -> None:
@@ -428,7 +446,10 @@ class Scheduler:
             "temperature": attempt.temperature,
         }
         duration = len(row.window.samples) / SAMPLE_RATE
-        segments = engine.segments(tokens, stats, duration) if row.window.options.timestamps else ()
+        options = row.window.options
+        segments = engine.segments(tokens, stats, duration) if options.timestamps else ()
+        text_tokens = [t for t in tokens if t < engine.eos_token_id]
+        words = self._words(row, text_tokens, duration) if options.words and text_tokens else ()
         return WindowResult(
             text=text,
             language=row.language,
@@ -436,7 +457,30 @@ class Scheduler:
             tokens=tuple(tokens),
             looped=row.looped,
             cut=cut,
+            words=words,
             **stats,
+        )
+
+    def _words(self, row: _Row, text_tokens: list[int], duration: float) -> tuple[Word, ...]:
+        """Word times from the alignment heads: the text decoded once more in the row's slot (its cross-attention
+        keys are still there), without timestamps or previous text, as openai-whisper aligns."""
+        engine = self.engine
+        start = engine.prompt(row.language, replace(row.window.options, prompt=None, timestamps=False))
+        eot = engine.eos_token_id
+        tokens = torch.tensor([*start, *text_tokens, eot], device=self.slots.device)
+        scores, hidden = self.slots.cross_scores(self._rows.index(row), tokens, engine.alignment_heads)
+        first = len(start) - 1  # <|notimestamps|>: its row predicts the first text token
+        logits = self.slots.logits(hidden[first : first + len(text_tokens)])[:, :eot].float()
+        chosen = logits.softmax(dim=-1)[torch.arange(len(text_tokens)), torch.tensor(text_tokens)]
+        return align_words(
+            scores.cpu(),
+            text_tokens,
+            chosen.tolist(),
+            engine.raw_text,
+            start_tokens=first,
+            eot=eot,
+            duration=duration,
+            language=row.language,
         )
 
 

@@ -14,6 +14,8 @@ batch-size bucket (`CudaGraphSteps`), with the self-attention span fixed at the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,28 @@ class DecoderSlots:
         `rows`: a slice of consecutive slots (views, the fast path), or slot indices (gathered copies: for retrying
         rows one by one after a failed step). `span`: positions attended over; default: just enough for every row.
         """
+        return self._run(rows, tokens, start, span, None)
+
+    def cross_scores(
+        self, slot: int, tokens: torch.Tensor, heads: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's `tokens` [T] from position 0: (cross-attention scores [len(heads), T, frames] of the given
+        (layer, head) pairs, before the softmax; hidden states [T, d_model]). For word timestamps: the alignment
+        heads attend to the audio frames each token was heard in."""
+        scores: dict[int, torch.Tensor] = dict.fromkeys({layer for layer, _ in heads})
+        start = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        hidden = self._run(slice(slot, slot + 1), tokens[None], start, None, scores)
+        return torch.stack([scores[layer][0, head] for layer, head in heads]), hidden[0]
+
+    def _run(
+        self,
+        rows: slice | torch.Tensor,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        span: int | None,
+        capture: dict[int, torch.Tensor | None] | None,
+    ) -> torch.Tensor:
+        """`forward`; the cross-attention scores [n, heads, T, frames] of the layers in `capture` go into it."""
         n, length = tokens.shape
         decoder = self.decoder
         positions = start[:, None] + torch.arange(length, device=tokens.device)  # [n, T]
@@ -113,6 +137,8 @@ class DecoderSlots:
             out = F.scaled_dot_product_attention(
                 q, self.cross_k[index][rows], self.cross_v[index][rows], scale=1.0
             )
+            if capture is not None and index in capture:
+                capture[index] = (q @ self.cross_k[index][rows].transpose(-1, -2)).float()
             hidden = hidden + attention.out_proj(out.transpose(1, 2).reshape(n, length, -1))
 
             x = layer.final_layer_norm(hidden)

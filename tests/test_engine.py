@@ -22,6 +22,14 @@ def test_find_repetition_finds_trailing_loops_only():
     assert find_repetition([4, 4, 4], min_repeats=4) is None
 
 
+def test_the_temperature_ladder_starts_where_asked():
+    guard = LoopGuard()
+    assert DecodeOptions().ladder(guard) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert DecodeOptions(temperature=0.5).ladder(guard) == (0.5, 0.6, 0.8, 1.0)
+    assert DecodeOptions(temperature=1.0).ladder(guard) == (1.0,)
+    assert DecodeOptions(temperature=0.3).ladder(LoopGuard(enabled=False)) == (0.3,)
+
+
 def test_split_windows_cuts_at_quiet_points_and_covers_the_audio():
     rng = np.random.default_rng(0)
     audio = rng.normal(0, 0.3, 75 * SAMPLE_RATE).astype(np.float32)
@@ -138,9 +146,16 @@ def test_loop_guard_stops_a_loop(tiny_en_dir, clip_path):
 def test_multilingual_batch_mixes_languages_and_tasks(base_dir, clip_path):
     engine = Engine.load(base_dir, device="cpu")
     jfk = load_audio(clip_path("jfk"))
-    options = [DecodeOptions(), DecodeOptions(language="de"), DecodeOptions(task="translate")]
-    detected, german, translated = engine.transcribe_windows([jfk, jfk, jfk], options)
+    options = [
+        DecodeOptions(),
+        DecodeOptions(language="de"),
+        DecodeOptions(task="translate"),
+        DecodeOptions(prompt="Kennedy's inaugural address, 1961.", words=True),  # language detected first
+    ]
+    detected, german, translated, prompted = engine.transcribe_windows([jfk] * 4, options)
     assert detected.language == "en" and normalize_text(detected.text) == normalize_text(JFK)
+    assert prompted.language == "en" and normalize_text(prompted.text) == normalize_text(JFK)
+    assert [w.text.strip(" ,.") for w in prompted.words][:4] == ["And", "so", "my", "fellow"]
     assert german.language == "de" and german.text.startswith("Und so")
     assert translated.language == "en" and "your country" in translated.text
     with pytest.raises(InvalidOptionError, match="unknown language"):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.formats import Outcome, render, segments_out, srt, timestamp, vtt
+from app.errors import UnsupportedParameter
+from app.formats import Outcome, done_event, render, segments_out, srt, timestamp, vtt
 from app.main import create_app
 from app.schemas import OpenAIForm, Timings, TranscribeForm
 from app.uploads import Upload
-from liteasr.decoding import Segment, Transcription
+from liteasr.decoding import Segment, Transcription, Word
 
 TIMINGS = Timings(queue_wait_s=0.01, inference_s=0.5, batch_size=2, decode_s=0.001, total_s=0.6)
 TRANSCRIPTION = Transcription(
@@ -94,6 +96,58 @@ def test_openai_form():
     assert form.timestamp_granularities == ["segment", "word"] and form.temperature == 0.2
     with pytest.raises(RequestValidationError):
         OpenAIForm.parse(Upload(fields={"temperature": ["3"]}))
+    # Words need verbose_json (OpenAI's rule); then prompt, temperature and words reach the decoder.
+    with pytest.raises(UnsupportedParameter, match="verbose_json"):
+        form.decode_options("transcribe")
+    verbose = OpenAIForm.parse(Upload(fields={**upload.fields, "response_format": ["verbose_json"]}))
+    options = verbose.decode_options("transcribe")
+    assert options.words and options.timestamps and options.prompt == "Kenobi" and options.temperature == 0.2
+    assert verbose.segments and verbose.words
+    only_words = OpenAIForm.parse(Upload(fields={"timestamp_granularities[]": ["word"]}))
+    assert only_words.words and not only_words.segments
+    # A stream answers with events: formats that are documents of their own cannot be streamed.
+    for response_format, allowed in [("json", True), ("text", True), ("srt", False), ("verbose_json", False)]:
+        streamed = OpenAIForm.parse(Upload(fields={"stream": ["true"], "response_format": [response_format]}))
+        if allowed:
+            assert streamed.decode_options("transcribe") and streamed.stream
+        else:
+            with pytest.raises(UnsupportedParameter, match="stream"):
+                streamed.decode_options("transcribe")
+
+
+def test_transcribe_form_word_timestamps_and_stream():
+    assert TranscribeForm.parse(Upload(fields={"timestamps": ["segment"]})).decode_options().timestamps
+    options = TranscribeForm.parse(
+        Upload(fields={"timestamps": ["word"], "stream": ["true"], "prompt": ["Zyx"]})
+    ).decode_options()
+    assert options.words and options.timestamps and options.prompt == "Zyx"
+    with pytest.raises(UnsupportedParameter, match="timestamps=word"):
+        TranscribeForm.parse(
+            Upload(fields={"timestamps": ["word"], "response_format": ["text"]})
+        ).decode_options()
+    with pytest.raises(RequestValidationError):
+        TranscribeForm.parse(Upload(fields={"timestamps": ["letters"]}))
+
+
+def test_words_and_the_done_event():
+    words = (Word(0.2, 0.5, " Hello,", 0.9), Word(0.5, 99.0, " world.", 0.8))
+    outcome = replace(OUTCOME, transcription=replace(TRANSCRIPTION, words=words))
+    verbose = json.loads(render(outcome, "verbose_json", openai=True, words=True).body)
+    assert "segments" not in verbose  # only words were asked for
+    assert verbose["words"][0] == {"word": " Hello,", "start": 0.2, "end": 0.5, "probability": 0.9}
+    assert verbose["words"][1]["end"] == TRANSCRIPTION.duration  # clipped to the audio
+    both = json.loads(render(outcome, "verbose_json", openai=True, segments=True, words=True).body)
+    assert {"segments", "words"} <= set(both)
+    assert "words" in json.loads(render(outcome, "json", words=True).body)
+
+    done = done_event(outcome, openai=True)
+    assert done == {
+        "type": "transcript.text.done",
+        "text": TRANSCRIPTION.text,
+        "usage": {"type": "duration", "seconds": round(TRANSCRIPTION.duration, 3)},
+    }
+    rich = done_event(outcome, openai=False, words=True)
+    assert rich["type"] == "transcript.text.done" and rich["words"] and rich["timings"] and rich["language"]
 
 
 def test_settings_from_the_environment(monkeypatch):

@@ -16,6 +16,7 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 from liteasr.audio import SAMPLE_RATE, load_audio, split_windows
 from liteasr.decoding import DecodeOptions, LoopGuard
 from liteasr.engine import Engine
+from liteasr.errors import InvalidOptionError
 
 GREEDY = LoopGuard(enabled=False)
 
@@ -103,6 +104,18 @@ def test_the_guarded_engine_matches_the_generate_engine_on_base(base_dir, clip_p
     got = engine.transcribe_windows(windows, options)
     assert [(r.language, r.tokens, r.text) for r in got] == [(r.language, r.tokens, r.text) for r in expected]
     assert got[0].language == "en" and got[1].language == "de" and got[2].text == ""
+
+
+def test_a_model_without_the_tokens_refuses_prompts_and_words(tiny_whisper_config, processor):
+    """This model's generation config has no <|startofprev|> and no alignment heads."""
+    engine = random_engine(tiny_whisper_config, processor)
+    with pytest.raises(InvalidOptionError, match="startofprev"):
+        engine.check_options(DecodeOptions(prompt="Kenobi"))
+    with pytest.raises(InvalidOptionError, match="alignment heads"):
+        engine.check_options(DecodeOptions(words=True))
+    with pytest.raises(InvalidOptionError, match="temperature"):
+        engine.check_options(DecodeOptions(temperature=1.5))
+    engine.check_options(DecodeOptions(prompt="  "))  # an empty prompt is no prompt
 
 
 def test_a_row_that_joins_mid_decode_gives_the_tokens_it_gives_alone(tiny_whisper_config, processor):

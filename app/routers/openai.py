@@ -1,22 +1,21 @@
 """OpenAI's audio API: `POST /v1/audio/transcriptions`, `POST /v1/audio/translations`, `GET /v1/models`.
 
-`model`, `prompt` and `temperature` are accepted and ignored (one model is served at a time; the engine neither
-conditions on a prompt nor samples at a client's temperature: it decodes greedily and falls back to higher
-temperatures on its own when a window loops). `timestamp_granularities[]=word` and `stream=true` are refused with 400.
+`model` is accepted and ignored (one model is served at a time). `stream=true` answers with Server-Sent Events
+(`app.streaming`); `timestamp_granularities[]=word` adds word times to verbose_json.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import ServiceDep
-from app.errors import ModelNotFound, UnsupportedParameter
-from app.formats import render
+from app.errors import ModelNotFound
+from app.formats import done_event, render
 from app.schemas import (
-    TIMED_FORMATS,
     TRANSCRIPTION_ERRORS,
     ModelCard,
     ModelList,
@@ -25,7 +24,6 @@ from app.schemas import (
     multipart_body,
 )
 from app.uploads import check_content_length
-from liteasr.engine import DecodeOptions
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -77,15 +75,11 @@ async def _handle(
     with service.admit() as ticket:  # before a byte of the upload is read
         upload = await service.read_upload(ticket, request)
         form = OpenAIForm.parse(upload)
-        if form.stream:
-            raise UnsupportedParameter("stream=true is not supported; the answer comes whole")
-        if "word" in form.timestamp_granularities:
-            raise UnsupportedParameter(
-                "word timestamps are not supported; use timestamp_granularities[]=segment"
-            )
-        options = DecodeOptions(
-            language=form.language, task=task, timestamps=form.response_format in TIMED_FORMATS
-        )
+        options = form.decode_options(task)
         service.check_options(ticket, options)
+        if form.stream:
+            return await service.stream(
+                ticket, request, upload.audio, options, done=partial(done_event, openai=True)
+            )
         outcome = await service.transcribe(ticket, request, upload.audio, options)
-    return render(outcome, form.response_format, openai=True)
+    return render(outcome, form.response_format, openai=True, segments=form.segments, words=form.words)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.deps import ServiceDep
-from app.formats import render
+from app.formats import done_event, render
 from app.schemas import TRANSCRIPTION_ERRORS, TranscribeForm, TranscriptionOut, multipart_body
 from app.uploads import check_content_length
 
@@ -26,5 +28,9 @@ async def transcribe(request: Request, service: ServiceDep) -> Response:
         form = TranscribeForm.parse(upload)
         options = form.decode_options()
         service.check_options(ticket, options)
+        listed = {"segments": options.timestamps, "words": options.words}
+        if form.stream:
+            done = partial(done_event, openai=False, **listed)
+            return await service.stream(ticket, request, upload.audio, options, done=done)
         outcome = await service.transcribe(ticket, request, upload.audio, options)
-    return render(outcome, form.response_format, segments=form.timestamps)
+    return render(outcome, form.response_format, **listed)
