@@ -34,7 +34,7 @@ class Clip:
     text: str  # reference transcript, not normalized
     duration: float  # seconds
     speaker: str  # speaker or TTS voice id
-    split: str  # calib, dev or long
+    split: str  # calib, dev, long (data/speech) or voices (data/voices)
     kind: str  # real or synthetic
 
 
