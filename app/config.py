@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     """Upper bound, in seconds, of the `Retry-After` sent with 503: the queue-full estimate (batches ahead times the
     recent time per batch) is capped at it, and shutting down or a failed model load send it as is."""
 
+    vad: bool = True
+    """Voice activity detection (Silero VAD) before decoding, for requests that give no `chunking_strategy`:
+    long audio is cut at speech boundaries, and stretches without speech are not decoded (no text hallucinated on
+    silence, noise or music). On by default: long-split WER 7.5 -> 5.1%, no words on no-speech audio, about 0.5%
+    of real time (docs/vad.md). `false`: windows cut at the quietest point near every 30 s."""
+
     warmup: bool = True
     """Run one short decode after loading, so the first request does not pay for lazy initialisation."""
 

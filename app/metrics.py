@@ -107,6 +107,11 @@ class Metrics:
             "audio_seconds", "Seconds of audio transcribed (answered requests).", **common
         )
         self.windows = Counter("windows", "Windows decoded to the end by the model.", **common)
+        self.vad_skipped_seconds = Counter(
+            "vad_skipped_seconds",
+            "Seconds of uploaded audio that voice activity detection found no speech in: never decoded.",
+            **common,
+        )
         self.decoded_tokens = Counter("decoded_tokens", "Tokens in the results of decoded windows.", **common)
         self.queue_depth = Gauge("queue_depth", "Windows waiting for a decoder slot.", **common)
         self.windows_running = Gauge(

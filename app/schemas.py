@@ -7,6 +7,7 @@ The response models document the API in /docs and build the JSON bodies in `app.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.errors import UnsupportedParameter
 from app.uploads import Upload
 from liteasr.engine import DecodeOptions
+from liteasr.vad import VadOptions
 
 __all__ = [
     "ADMIN_ERRORS",
@@ -66,7 +68,50 @@ class _Form(BaseModel):
 
     @classmethod
     def _values(cls, upload: Upload) -> dict[str, Any]:
-        return upload.first()
+        values = upload.first()
+        cls._nested_chunking(upload, values)
+        return values
+
+    @staticmethod
+    def _nested_chunking(upload: Upload, values: dict[str, Any]) -> None:
+        """`chunking_strategy[type]=server_vad&chunking_strategy[threshold]=...` (how the `openai` client sends
+        the object in a form) as the one JSON field."""
+        nested = {
+            key.removeprefix("chunking_strategy[").removesuffix("]"): found[0]
+            for key, found in upload.fields.items()
+            if key.startswith("chunking_strategy[") and key.endswith("]") and found
+        }
+        if nested:
+            values["chunking_strategy"] = json.dumps(nested)
+
+    def chunking(self) -> VadOptions | Literal["auto", "none"] | None:
+        """The `chunking_strategy` asked for; UnsupportedParameter (400) for one we do not know."""
+        raw = getattr(self, "chunking_strategy", None)
+        if raw is None or raw in ("auto", "none"):
+            return raw
+        expected = 'expected "auto", "none" or {"type": "server_vad", ...}'
+        try:
+            spec = json.loads(raw)
+        except ValueError:
+            raise UnsupportedParameter(f"unknown chunking_strategy {raw[:100]!r}; {expected}") from None
+        if not isinstance(spec, dict) or spec.get("type") != "server_vad":
+            raise UnsupportedParameter(f"unknown chunking_strategy {raw[:100]!r}; {expected}")
+        unknown = set(spec) - {"type", *VAD_FIELDS}
+        if unknown:
+            raise UnsupportedParameter(
+                f"chunking_strategy has unknown fields {sorted(unknown)}; server_vad takes {', '.join(VAD_FIELDS)}"
+            )
+        defaults = VadOptions()
+        try:
+            return VadOptions(
+                threshold=float(spec.get("threshold", defaults.threshold)),
+                prefix_padding_ms=int(spec.get("prefix_padding_ms", defaults.prefix_padding_ms)),
+                silence_duration_ms=int(spec.get("silence_duration_ms", defaults.silence_duration_ms)),
+            )
+        except (TypeError, ValueError):
+            raise UnsupportedParameter(
+                f"chunking_strategy: {', '.join(VAD_FIELDS)} must be numbers"
+            ) from None
 
     @field_validator("language", mode="before", check_fields=False)
     @classmethod
@@ -89,6 +134,12 @@ _STREAM = (
     "Answer with Server-Sent Events: `transcript.text.delta` events as tokens decode, then "
     "`transcript.text.done` with the whole text (response_format json or text)."
 )
+_CHUNKING = (
+    "How long audio is cut into windows: `auto` (voice activity detection with its defaults), a JSON object "
+    '`{"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}`, or '
+    "`none` (no VAD: cuts at quiet points near every 30 s; an extension). Unset: the server's LITEASR_VAD."
+)
+VAD_FIELDS = ("threshold", "prefix_padding_ms", "silence_duration_ms")
 STREAM_FORMATS = ("json", "text")  # stream=true: the events are the answer, whatever else was asked
 
 
@@ -110,6 +161,7 @@ class TranscribeForm(_Form):
     prompt: str | None = Field(None, max_length=20_000, description=_PROMPT)
     temperature: float = Field(0.0, ge=0.0, le=1.0, description=_TEMPERATURE)
     stream: bool = Field(False, description=_STREAM)
+    chunking_strategy: str | None = Field(None, max_length=1000, description=_CHUNKING)
 
     @field_validator("timestamps", mode="before")
     @classmethod
@@ -155,10 +207,12 @@ class OpenAIForm(_Form):
         "start and end; both may be given.",
     )
     stream: bool = Field(False, description=_STREAM)
+    chunking_strategy: str | None = Field(None, max_length=1000, description=_CHUNKING)
 
     @classmethod
     def _values(cls, upload: Upload) -> dict[str, Any]:
         values: dict[str, Any] = upload.first()
+        cls._nested_chunking(upload, values)
         granularities = upload.fields.get("timestamp_granularities[]", []) + upload.fields.get(
             "timestamp_granularities", []
         )

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import gc
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from app.uploads import Upload, read_upload
 from liteasr.audio import SAMPLE_RATE, Window, decode_audio, split_windows
 from liteasr.decoding import DecodeOptions, Transcription, stitch
 from liteasr.engine import Engine, SpeechEngine, StepScheduler, resolve_device
+from liteasr.vad import VadOptions, VoiceActivityDetector, vad_windows
 
 __all__ = ["Service"]
 
@@ -76,6 +78,8 @@ class Service:
         self._loader: asyncio.Task | None = None
         self._activating = False
         self._releases: set[asyncio.Task] = set()
+        self._vad_detector: VoiceActivityDetector | None = None
+        self._detector_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -127,6 +131,8 @@ class Service:
                 name=name,
             )
         scheduler = engine.scheduler(max_rows=self.settings.max_batch_size)
+        if self.settings.vad:
+            self._detector()
         if self.settings.warmup:
             engine.warmup(scheduler)
         return engine, scheduler
@@ -264,13 +270,17 @@ class Service:
         data: bytes,
         options: DecodeOptions,
         done: Callable[[Outcome], dict[str, Any]],
+        *,
+        vad: VadOptions | None = None,
     ) -> StreamingResponse:
         """`transcribe` as Server-Sent Events (`app.streaming`); the ticket is released when the transcription
         ends, not when the route returns. `done(outcome)`: the body of the last event."""
         ticket.keep_open()
 
         def start(on_text: Callable[[str], None]) -> asyncio.Task[Outcome]:
-            task = asyncio.ensure_future(self.transcribe(ticket, request, data, options, on_text=on_text))
+            task = asyncio.ensure_future(
+                self.transcribe(ticket, request, data, options, vad=vad, on_text=on_text)
+            )
             task.add_done_callback(lambda _: ticket.release())
             return task
 
@@ -285,16 +295,20 @@ class Service:
         data: bytes,
         options: DecodeOptions,
         *,
+        vad: VadOptions | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Outcome:
-        """Decode the upload off the event loop, queue its windows, stitch their results in order. `on_text`:
-        called with each piece of the transcript as it decodes, in order (`app.streaming.TextDeltas`)."""
+        """Decode the upload off the event loop, queue its windows, stitch their results in order. `vad`: cut the
+        audio into windows of speech (`vad_options`); `on_text`: called with each piece of the transcript as it
+        decodes, in order (`app.streaming.TextDeltas`)."""
         assert self.batcher is not None
         deadline = ticket.admitted_at + self.settings.request_timeout_s
         watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
             decode_started = time.monotonic()
-            duration, windows = await self._until(asyncio.to_thread(self._decode, data), deadline, watcher)
+            duration, windows = await self._until(
+                asyncio.to_thread(self._decode, data, vad), deadline, watcher
+            )
             decode_s = time.monotonic() - decode_started
             if not windows:  # a valid file without samples: nothing to decode
                 transcription = Transcription(
@@ -342,10 +356,35 @@ class Service:
         )
         return Outcome(transcription, ticket.engine.info.name, options.task, timings)
 
-    def _decode(self, data: bytes) -> tuple[float, list[Window]]:
-        """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file)."""
+    def _decode(self, data: bytes, vad: VadOptions | None) -> tuple[float, list[Window]]:
+        """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file). With `vad`:
+        windows of speech only, cut at speech boundaries; without: cut at the quietest point near every 30 s."""
         audio = decode_audio(data, max_seconds=self.settings.max_audio_seconds)
-        return len(audio) / SAMPLE_RATE, split_windows(audio) if len(audio) else []
+        if not len(audio):
+            return 0.0, []
+        duration = len(audio) / SAMPLE_RATE
+        if vad is None:
+            return duration, split_windows(audio)
+        windows = vad_windows(audio, self._detector(), vad)
+        self.metrics.vad_skipped_seconds.inc(duration - sum(len(w.samples) for w in windows) / SAMPLE_RATE)
+        return duration, windows
+
+    def _detector(self) -> VoiceActivityDetector:
+        """The VAD model, loaded once (at startup when LITEASR_VAD is on, else on the first request asking)."""
+        with self._detector_lock:
+            if self._vad_detector is None:
+                self._vad_detector = VoiceActivityDetector()
+            return self._vad_detector
+
+    def vad_options(self, chunking: VadOptions | Literal["auto", "none"] | None) -> VadOptions | None:
+        """A request's `chunking_strategy` -> the VAD options to cut its audio with (None: no VAD)."""
+        if chunking is None:
+            return VadOptions() if self.settings.vad else None
+        if chunking == "auto":
+            return VadOptions()
+        if chunking == "none":
+            return None
+        return chunking
 
     async def _until(self, awaitable: Awaitable[T], deadline: float, disconnected: asyncio.Future) -> T:
         """The awaitable's result, unless the deadline passes (504) or the client leaves (499) first."""

@@ -23,6 +23,7 @@ def _import(args: argparse.Namespace) -> None:
 def _transcribe(args: argparse.Namespace) -> None:
     from liteasr.audio import load_audio
     from liteasr.engine import DecodeOptions, Engine, LoopGuard
+    from liteasr.vad import VadOptions
 
     engine = Engine.load(
         args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard), int8=args.int8
@@ -36,7 +37,8 @@ def _transcribe(args: argparse.Namespace) -> None:
         temperature=args.temperature,
     )
     audios = [load_audio(path) for path in args.files]
-    results = engine.transcribe(audios, options, batch_size=args.batch_size)
+    vad = VadOptions() if args.vad else None
+    results = engine.transcribe(audios, options, batch_size=args.batch_size, vad=vad)
     for path, result in zip(args.files, results, strict=True):
         if args.json:
             print(json.dumps({"file": str(path), **asdict(result)}, ensure_ascii=False))
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     p.add_argument("--timestamps", action="store_true", help="segment start and end times")
     p.add_argument("--words", action="store_true", help="word start and end times")
+    p.add_argument("--vad", action="store_true", help="decode only the speech voice activity detection finds")
     p.add_argument("--prompt", default=None, help="previous text: spellings and names to follow")
     p.add_argument(
         "--temperature", type=float, default=0.0, help="where the fallback ladder starts (0: greedy first)"

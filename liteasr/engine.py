@@ -36,6 +36,7 @@ from liteasr.errors import InvalidOptionError
 from liteasr.logits import LogitRules
 from liteasr.modeling import encoder_parameters, load_model, quantize_int8
 from liteasr.scheduler import Iteration, Scheduler
+from liteasr.vad import VadOptions, VoiceActivityDetector, vad_windows
 
 __all__ = [
     "DecodeOptions",
@@ -114,6 +115,7 @@ class Engine:
         )
         self.rules = LogitRules(gc, model.config.vocab_size, self.device)
         self._schedulers: dict[int, Scheduler] = {}  # transcribe_windows' own, by batch size
+        self._detector: VoiceActivityDetector | None = None  # transcribe's, loaded when VAD is first asked for
         self.info = ModelInfo(
             name=name,
             device=str(self.device),
@@ -206,12 +208,23 @@ class Engine:
         return Scheduler(self, max_rows=max_rows, encoder_batch=encoder_batch)
 
     def transcribe(
-        self, audios: Sequence[np.ndarray], options: DecodeOptions | None = None, *, batch_size: int = 8
+        self,
+        audios: Sequence[np.ndarray],
+        options: DecodeOptions | None = None,
+        *,
+        batch_size: int = 8,
+        vad: VadOptions | None = None,
     ) -> list[Transcription]:
-        """Transcribe whole audios of any length; long ones are windowed and stitched."""
+        """Transcribe whole audios of any length; long ones are windowed and stitched. `vad`: decode only the
+        speech voice activity detection finds (windows cut at speech boundaries), else every window."""
         options = options or DecodeOptions()
         self.check_options(options)
-        all_windows = [split_windows(audio) for audio in audios]
+        if vad is None:
+            all_windows = [split_windows(audio) for audio in audios]
+        else:
+            if self._detector is None:
+                self._detector = VoiceActivityDetector()
+            all_windows = [vad_windows(audio, self._detector, vad) for audio in audios]
         results = self.transcribe_windows(
             [w.samples for windows in all_windows for w in windows],
             [options] * sum(map(len, all_windows)),

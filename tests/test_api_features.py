@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 from helpers import JFK, assert_error_shape, scrape, value, wait_until, words
 from server import RunningServer, serve
+from signals import no_speech
 
 from liteasr.audio import SAMPLE_RATE, load_audio
 
@@ -216,3 +217,50 @@ def test_temperature_starts_the_ladder_and_stays_reproducible(client, clip_path)
     ]
     assert sampled[0] == sampled[1]  # one seed per window: the same audio gives the same text
     assert len(words(sampled[0]).split()) > 10
+
+
+def test_vad_gives_no_words_on_audio_without_speech_and_skips_it(server):
+    """Silence, noise, tones, music, hum (10-60 s each): nothing decoded with the server's default VAD, every
+    second counted as skipped. (Without VAD, music gives "Thank you.": docs/vad.md.)"""
+    url = f"{server.url}/transcribe"
+    with httpx.Client(timeout=300) as http:
+        skipped_before = value(scrape(httpx.Client(base_url=server.url)), "liteasr_vad_skipped_seconds_total")
+        total = 0.0
+        for name, audio in no_speech().items():
+            answer = http.post(url, files={"file": (f"{name}.flac", flac(audio))})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["text"] == "", (name, answer.json()["text"])
+            assert answer.json()["windows"] == 0
+            total += len(audio) / SAMPLE_RATE
+        skipped = value(scrape(httpx.Client(base_url=server.url)), "liteasr_vad_skipped_seconds_total")
+        assert skipped - skipped_before == pytest.approx(total, abs=0.5)
+
+
+def test_vad_keeps_the_times_of_the_original_audio(client, clip_path):
+    silence = np.zeros(int(6.0 * SAMPLE_RATE), dtype=np.float32)
+    audio = flac(np.concatenate([silence, load_audio(clip_path("jfk"))]))
+    for strategy in ("auto", {"type": "server_vad", "threshold": 0.4, "silence_duration_ms": 800}):
+        answer = client.audio.transcriptions.create(
+            model="whisper-1",
+            file=("late.flac", audio),
+            response_format="verbose_json",
+            timestamp_granularities=["word"],
+            chunking_strategy=strategy,
+        )
+        assert words(answer.text) == words(JFK)
+        assert 6.0 <= answer.words[0].start <= 6.8, answer.words[0]
+
+
+def test_unknown_chunking_strategies_are_refused_with_the_reason(server, clip_path):
+    audio = {"file": ("jfk.flac", flac(load_audio(clip_path("jfk"))))}
+    for strategy in ("sometimes", '{"type": "client_vad"}', '{"type": "server_vad", "loudness": 3}'):
+        refused = httpx.post(
+            f"{server.url}/v1/audio/transcriptions", files=audio, data={"chunking_strategy": strategy}
+        )
+        assert "chunking_strategy" in assert_error_shape(refused, 400)["message"], strategy
+    out_of_range = httpx.post(
+        f"{server.url}/transcribe",
+        files=audio,
+        data={"chunking_strategy": '{"type":"server_vad","threshold":2}'},
+    )
+    assert "threshold" in assert_error_shape(out_of_range, 400, "invalid_option")["message"]

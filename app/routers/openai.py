@@ -77,9 +77,10 @@ async def _handle(
         form = OpenAIForm.parse(upload)
         options = form.decode_options(task)
         service.check_options(ticket, options)
+        vad = service.vad_options(form.chunking())
         if form.stream:
             return await service.stream(
-                ticket, request, upload.audio, options, done=partial(done_event, openai=True)
+                ticket, request, upload.audio, options, done=partial(done_event, openai=True), vad=vad
             )
-        outcome = await service.transcribe(ticket, request, upload.audio, options)
+        outcome = await service.transcribe(ticket, request, upload.audio, options, vad=vad)
     return render(outcome, form.response_format, openai=True, segments=form.segments, words=form.words)

@@ -28,9 +28,10 @@ async def transcribe(request: Request, service: ServiceDep) -> Response:
         form = TranscribeForm.parse(upload)
         options = form.decode_options()
         service.check_options(ticket, options)
+        vad = service.vad_options(form.chunking())
         listed = {"segments": options.timestamps, "words": options.words}
         if form.stream:
             done = partial(done_event, openai=False, **listed)
-            return await service.stream(ticket, request, upload.audio, options, done=done)
-        outcome = await service.transcribe(ticket, request, upload.audio, options)
+            return await service.stream(ticket, request, upload.audio, options, done=done, vad=vad)
+        outcome = await service.transcribe(ticket, request, upload.audio, options, vad=vad)
     return render(outcome, form.response_format, **listed)
