@@ -23,6 +23,7 @@ __all__ = [
     "ADMIN_ERRORS",
     "TIMED_FORMATS",
     "TRANSCRIPTION_ERRORS",
+    "transcription_responses",
     "ActivationOut",
     "CompressJobRequest",
     "ErrorResponse",
@@ -365,9 +366,25 @@ def _error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, 
     return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}
 
 
+def transcription_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a transcription route: its JSON answer, the SSE stream, the errors."""
+    stream = {
+        "schema": {"type": "string"},
+        "example": 'data: {"type":"transcript.text.delta","delta":" And so"}\n\n'
+        'data: {"type":"transcript.text.done","text":"And so ...","usage":{"type":"duration","seconds":11.0}}\n\n',
+    }
+    answer = {
+        "model": model,
+        "description": "The transcript; with `stream=true`, Server-Sent Events: `transcript.text.delta` as the "
+        "text decodes, then `transcript.text.done` (or an `error` event).",
+        "content": {"text/event-stream": stream},
+    }
+    return {200: answer, **TRANSCRIPTION_ERRORS}
+
+
 TRANSCRIPTION_ERRORS = _error_responses(
     {
-        400: "An option the model cannot honour, or a malformed form.",
+        400: "An option the model cannot honour, a bad combination of options, or a malformed form.",
         413: "Upload over LITEASR_MAX_UPLOAD_MB, or audio over LITEASR_MAX_AUDIO_SECONDS.",
         415: "The file is not audio we can decode, or the body is not multipart/form-data.",
         422: "A field fails validation.",

@@ -234,11 +234,13 @@ def _split(audio):
 
 
 def _live_tensor_bytes() -> int:
+    # type(), not isinstance(): the heap may hold weak proxies whose referent is gone, and isinstance() on one
+    # raises ReferenceError.
     return sum(
         obj.untyped_storage().nbytes()
         for obj in gc.get_objects()
-        if isinstance(obj, torch.Tensor)
-        and not isinstance(obj, torch.nn.Parameter)
+        if issubclass(type(obj), torch.Tensor)
+        and not issubclass(type(obj), torch.nn.Parameter)
         and obj.device.type == "cpu"
     )
 

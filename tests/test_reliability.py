@@ -369,7 +369,21 @@ CATALOGUE = [
         "unsupported_parameter",
         path="/v1/audio/transcriptions",
     ),
-    Bad("openai-stream", audio(stream="true"), 400, "unsupported_parameter", path="/v1/audio/transcriptions"),
+    Bad(
+        "openai-stream-as-srt",
+        audio(stream="true", response_format="srt"),
+        400,
+        "unsupported_parameter",
+        "stream",
+        path="/v1/audio/transcriptions",
+    ),
+    Bad(
+        "unknown-chunking-strategy",
+        audio(chunking_strategy="by-the-minute"),
+        400,
+        "unsupported_parameter",
+        "chunking_strategy",
+    ),
     Bad(
         "openai-temperature-out-of-range",
         audio(temperature="7"),

@@ -16,12 +16,12 @@ from app.deps import ServiceDep
 from app.errors import ModelNotFound
 from app.formats import done_event, render
 from app.schemas import (
-    TRANSCRIPTION_ERRORS,
     ModelCard,
     ModelList,
     OpenAIForm,
     OpenAITranscription,
     multipart_body,
+    transcription_responses,
 )
 from app.uploads import check_content_length
 
@@ -32,7 +32,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
     "/audio/transcriptions",
     summary="OpenAI-compatible transcription",
     openapi_extra=multipart_body(OpenAIForm),
-    responses={200: {"model": OpenAITranscription}, **TRANSCRIPTION_ERRORS},
+    responses=transcription_responses(OpenAITranscription),
 )
 async def transcriptions(request: Request, service: ServiceDep) -> Response:
     return await _handle(request, service, "transcribe")
@@ -42,7 +42,7 @@ async def transcriptions(request: Request, service: ServiceDep) -> Response:
     "/audio/translations",
     summary="OpenAI-compatible translation to English",
     openapi_extra=multipart_body(OpenAIForm),
-    responses={200: {"model": OpenAITranscription}, **TRANSCRIPTION_ERRORS},
+    responses=transcription_responses(OpenAITranscription),
 )
 async def translations(request: Request, service: ServiceDep) -> Response:
     return await _handle(request, service, "translate")

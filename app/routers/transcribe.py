@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from app.deps import ServiceDep
 from app.formats import done_event, render
-from app.schemas import TRANSCRIPTION_ERRORS, TranscribeForm, TranscriptionOut, multipart_body
+from app.schemas import TranscribeForm, TranscriptionOut, multipart_body, transcription_responses
 from app.uploads import check_content_length
 
 router = APIRouter(tags=["transcription"])
@@ -19,7 +19,7 @@ router = APIRouter(tags=["transcription"])
     "/transcribe",
     summary="Transcribe (or translate) an audio file",
     openapi_extra=multipart_body(TranscribeForm),
-    responses={200: {"model": TranscriptionOut}, **TRANSCRIPTION_ERRORS},
+    responses=transcription_responses(TranscriptionOut),
 )
 async def transcribe(request: Request, service: ServiceDep) -> Response:
     check_content_length(request, service.settings.max_upload_bytes)
