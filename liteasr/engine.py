@@ -115,7 +115,9 @@ class Engine:
         )
         self.rules = LogitRules(gc, model.config.vocab_size, self.device)
         self._schedulers: dict[int, Scheduler] = {}  # transcribe_windows' own, by batch size
-        self._detector: VoiceActivityDetector | None = None  # transcribe's, loaded when VAD is first asked for
+        self._detector: VoiceActivityDetector | None = (
+            None  # transcribe's, loaded when VAD is first asked for
+        )
         self.info = ModelInfo(
             name=name,
             device=str(self.device),
