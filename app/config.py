@@ -70,6 +70,20 @@ class Settings(BaseSettings):
     silence, noise or music). On by default: long-split WER 7.5 -> 5.1%, no words on no-speech audio, about 0.5%
     of real time (docs/vad.md). `false`: windows cut at the quietest point near every 30 s."""
 
+    realtime_max_sessions: int = Field(16, ge=0)
+    """Most live transcription sessions (`/v1/realtime` WebSockets) open at once; past it a new one is closed with
+    1013 (try again later). 0: the realtime endpoint is off. Each turn still takes its place in the request queue."""
+
+    realtime_max_session_s: float = Field(1800.0, gt=0)
+    """Longest realtime session, in seconds; then the server sends an `error` event and closes it (1000)."""
+
+    realtime_idle_timeout_s: float = Field(60.0, gt=0)
+    """Seconds without any client event after which a realtime session is closed (1000)."""
+
+    realtime_max_buffer_s: float = Field(60.0, gt=0)
+    """Most audio, in seconds, an uncommitted realtime buffer holds; past it an append gets an `error` event and
+    is dropped (with server VAD, a turn is committed at 30 s of speech anyway)."""
+
     warmup: bool = True
     """Run one short decode after loading, so the first request does not pay for lazy initialisation."""
 

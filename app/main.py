@@ -20,7 +20,7 @@ from app.config import Settings
 from app.errors import install_error_handlers
 from app.jobs import JobRunner
 from app.metrics import Metrics, MetricsMiddleware
-from app.routers import admin, health, openai, page, transcribe
+from app.routers import admin, health, openai, page, realtime, transcribe
 from app.service import Service
 from liteasr import __version__
 
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(page.router)
+    app.include_router(realtime.router)
     return app
 
 

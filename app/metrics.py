@@ -43,6 +43,7 @@ REJECT_REASONS = (
 )
 DROP_REASONS = ("client_gone", "timeout", "failed", "shutting_down")
 RETRY_REASONS = ("error", "oom")
+REALTIME_CLOSE_REASONS = ("binary_frame", "too_big", "flood", "idle", "session_length", "busy", "not_ready")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 ACTIVATION_RESULTS = ("succeeded", "failed")
@@ -154,6 +155,27 @@ class Metrics:
             "their final text is in the done event only.",
             **common,
         )
+        self.realtime_sessions = Gauge(
+            "realtime_sessions", "Live transcription sessions (/v1/realtime WebSockets) open now.", **common
+        )
+        self.realtime_turns = Counter(
+            "realtime_turns",
+            "Committed turns of realtime sessions, by result (completed, failed: an error event was sent).",
+            ["result"],
+            **common,
+        )
+        self.caption_latency = Histogram(
+            "realtime_caption_latency_seconds",
+            "Realtime turns: from the end of speech (server VAD) or the commit to the completed transcript.",
+            buckets=LATENCY_BUCKETS,
+            **common,
+        )
+        self.realtime_closes = Counter(
+            "realtime_closes",
+            "Realtime sessions closed by the server, by reason (the client's own closes are not counted).",
+            ["reason"],
+            **common,
+        )
         self.batch_retries = Counter(
             "batch_retries",
             "Encoder passes or decode steps that failed and were retried: window by window after an error, in "
@@ -204,6 +226,10 @@ class Metrics:
         for reason in DROP_REASONS:
             self.windows_dropped.labels(reason)
             self.rows_freed.labels(reason)
+        for result in ("completed", "failed"):
+            self.realtime_turns.labels(result)
+        for reason in REALTIME_CLOSE_REASONS:
+            self.realtime_closes.labels(reason)
         for reason in RETRY_REASONS:
             self.batch_retries.labels(reason)
         for result in ACTIVATION_RESULTS:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 from starlette.types import Receive
@@ -79,6 +80,7 @@ class Service:
         self._activating = False
         self._releases: set[asyncio.Task] = set()
         self._vad_detector: VoiceActivityDetector | None = None
+        self.realtime_sessions = 0  # open /v1/realtime WebSockets (app.realtime)
         self._detector_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ class Service:
             )
         scheduler = engine.scheduler(max_rows=self.settings.max_batch_size)
         if self.settings.vad:
-            self._detector()
+            self.detector()
         if self.settings.warmup:
             engine.warmup(scheduler)
         return engine, scheduler
@@ -257,11 +259,12 @@ class Service:
         except asyncio.TimeoutError:
             raise self._timed_out() from None
 
-    def check_options(self, ticket: Ticket, options: DecodeOptions) -> None:
-        """InvalidOptionError (400) when the ticket's model cannot honour `options`; runs before the audio is
-        decoded."""
-        assert self.batcher is not None
-        self.batcher.check_options(options, ticket.engine)
+    def check_options(self, ticket: Ticket | None, options: DecodeOptions) -> None:
+        """InvalidOptionError (400) when the ticket's model (None: the one served now) cannot honour `options`;
+        runs before the audio is decoded."""
+        if self.batcher is None:
+            raise NotReady("the model is still loading", retry_after=5)
+        self.batcher.check_options(options, None if ticket is None else ticket.engine)
 
     async def stream(
         self,
@@ -301,47 +304,59 @@ class Service:
         """Decode the upload off the event loop, queue its windows, stitch their results in order. `vad`: cut the
         audio into windows of speech (`vad_options`); `on_text`: called with each piece of the transcript as it
         decodes, in order (`app.streaming.TextDeltas`)."""
-        assert self.batcher is not None
-        deadline = ticket.admitted_at + self.settings.request_timeout_s
         watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            decode_started = time.monotonic()
-            duration, windows = await self._until(
-                asyncio.to_thread(self._decode, data, vad), deadline, watcher
+            return await self.transcribe_prepared(
+                ticket, functools.partial(self._decode, data, vad), options, on_text=on_text, gone=watcher
             )
-            decode_s = time.monotonic() - decode_started
-            if not windows:  # a valid file without samples: nothing to decode
-                transcription = Transcription(
-                    text="", language=options.language or "en", duration=0.0, windows=0
-                )
-                total_s = time.monotonic() - ticket.admitted_at
-                timings = Timings(
-                    queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s
-                )
-                return Outcome(transcription, ticket.engine.info.name, options.task, timings)
-            deltas = None if on_text is None else TextDeltas(ticket.engine.text, len(windows), on_text)
-            job = self.batcher.submit(
-                [window.samples for window in windows],
-                options,
-                ticket,
-                on_token=None if deltas is None else deltas.token,
-            )
-            if deltas is not None:
-                for index, future in enumerate(job.futures):
-                    future.add_done_callback(functools.partial(_window_done, deltas, index))
-            try:
-                outcomes = await self._until(job.results(), deadline, watcher)
-            except ServiceError as error:
-                job.cancel(error.reason or "failed")
-                raise
-            except asyncio.CancelledError:
-                job.cancel("client_gone")
-                raise
-            except Exception:
-                job.cancel("failed")
-                raise
         finally:
             watcher.cancel()
+
+    async def transcribe_prepared(
+        self,
+        ticket: Ticket,
+        prepare: Callable[[], tuple[float, list[Window]]],
+        options: DecodeOptions,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        gone: asyncio.Future,
+    ) -> Outcome:
+        """`transcribe` for any source: `prepare()` (run in a worker thread) gives the audio's length and windows;
+        `gone` completes when nobody waits for the answer any more (499)."""
+        assert self.batcher is not None
+        deadline = ticket.admitted_at + self.settings.request_timeout_s
+        decode_started = time.monotonic()
+        duration, windows = await self._until(asyncio.to_thread(prepare), deadline, gone)
+        decode_s = time.monotonic() - decode_started
+        if not windows:  # no samples, or no speech: nothing to decode
+            transcription = Transcription(
+                text="", language=options.language or "en", duration=duration, windows=0
+            )
+            self.metrics.audio_seconds.inc(duration)
+            total_s = time.monotonic() - ticket.admitted_at
+            timings = Timings(queue_wait_s=0, inference_s=0, batch_size=0, decode_s=decode_s, total_s=total_s)
+            return Outcome(transcription, ticket.engine.info.name, options.task, timings)
+        deltas = None if on_text is None else TextDeltas(ticket.engine.text, len(windows), on_text)
+        job = self.batcher.submit(
+            [window.samples for window in windows],
+            options,
+            ticket,
+            on_token=None if deltas is None else deltas.token,
+        )
+        if deltas is not None:
+            for index, future in enumerate(job.futures):
+                future.add_done_callback(functools.partial(_window_done, deltas, index))
+        try:
+            outcomes = await self._until(job.results(), deadline, gone)
+        except ServiceError as error:
+            job.cancel(error.reason or "failed")
+            raise
+        except asyncio.CancelledError:
+            job.cancel("client_gone")
+            raise
+        except Exception:
+            job.cancel("failed")
+            raise
         if deltas is not None and deltas.revised:
             self.metrics.stream_revisions.inc(deltas.revised)
         transcription = stitch(windows, [o.result for o in outcomes], duration)
@@ -359,17 +374,20 @@ class Service:
     def _decode(self, data: bytes, vad: VadOptions | None) -> tuple[float, list[Window]]:
         """Worker thread: bytes -> 16 kHz mono -> windows of at most 30 s (none for an empty file). With `vad`:
         windows of speech only, cut at speech boundaries; without: cut at the quietest point near every 30 s."""
-        audio = decode_audio(data, max_seconds=self.settings.max_audio_seconds)
+        return self.windows(decode_audio(data, max_seconds=self.settings.max_audio_seconds), vad)
+
+    def windows(self, audio: np.ndarray, vad: VadOptions | None) -> tuple[float, list[Window]]:
+        """Worker thread: 16 kHz mono samples -> (seconds, windows of at most 30 s)."""
         if not len(audio):
             return 0.0, []
         duration = len(audio) / SAMPLE_RATE
         if vad is None:
             return duration, split_windows(audio)
-        windows = vad_windows(audio, self._detector(), vad)
+        windows = vad_windows(audio, self.detector(), vad)
         self.metrics.vad_skipped_seconds.inc(duration - sum(len(w.samples) for w in windows) / SAMPLE_RATE)
         return duration, windows
 
-    def _detector(self) -> VoiceActivityDetector:
+    def detector(self) -> VoiceActivityDetector:
         """The VAD model, loaded once (at startup when LITEASR_VAD is on, else on the first request asking)."""
         with self._detector_lock:
             if self._vad_detector is None:

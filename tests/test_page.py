@@ -3,10 +3,11 @@
 Needs Playwright (the `test` extra) and Debian's `chromium` at /usr/bin/chromium (`.ci/run` installs both);
 Playwright's own browser download is not used, so the tests run offline.
 
-The microphone is Chromium's fake capture device fed by a WAV file. The service has no realtime WebSocket yet,
-so one test checks that the page says so, and the page's side of the protocol is checked against a fake server
-(Playwright's WebSocket routing) that answers as OpenAI's Realtime transcription API does; the audio the page
-sent is then transcribed by the real server, which shows it is 24 kHz PCM16.
+The microphone is Chromium's fake capture device fed by a WAV file. One test records against the real
+`/v1/realtime` and waits for the captions; the page's side of the protocol (event order, errors, commit on stop,
+both audio paths) is checked in detail against a fake server (Playwright's WebSocket routing) that answers as
+OpenAI's Realtime transcription API does; the audio the page sent is then transcribed by the real server, which
+shows it is 24 kHz PCM16. A refused handshake must be reported on the page.
 
 `LITEASR_SCREENSHOTS=docs pytest tests/test_page.py` also writes the screenshots of the README (docs/page.png,
 docs/page-narrow.png).
@@ -239,8 +240,9 @@ def test_a_file_the_server_refuses_is_reported_in_the_status(page):
 
 
 @needs_browser
-def test_record_says_so_when_the_realtime_websocket_is_not_there(page):
-    # Until the service serves /v1/realtime, the handshake is refused; the page must not fail silently.
+def test_record_says_so_when_the_realtime_websocket_is_refused(page):
+    # A server at its realtime session limit refuses the handshake; the page must not fail silently.
+    page.route_web_socket(re.compile(r"/v1/realtime"), lambda ws: ws.close(code=1013, reason="busy"))
     record = page.get_by_test_id("record")
     record.click()
     status = page.get_by_test_id("status")
@@ -248,6 +250,20 @@ def test_record_says_so_when_the_realtime_websocket_is_not_there(page):
     expect(status).to_have_attribute("data-state", "error")
     expect(record).to_have_attribute("aria-pressed", "false")
     expect(record).to_be_enabled()
+
+
+@needs_browser
+def test_record_shows_live_captions_from_the_real_server(page):
+    """The fake microphone plays the clip; the real /v1/realtime cuts it into turns and the captions show."""
+    record = page.get_by_test_id("record")
+    record.click()
+    expect(record).to_have_attribute("aria-pressed", "true", timeout=15_000)
+    transcript = page.get_by_test_id("transcript")
+    expect(transcript).to_contain_text(re.compile("fellow", re.IGNORECASE), timeout=40_000)
+    expect(transcript).to_contain_text(re.compile("your country", re.IGNORECASE), timeout=40_000)
+    screenshot(page, "page-recording.png")
+    record.click()
+    expect(record).to_have_attribute("aria-pressed", "false", timeout=20_000)
 
 
 class FakeRealtime:
