@@ -47,7 +47,7 @@ MAX_FRAME_BYTES = 2 * 2**20  # one event: 2 MiB of JSON is about 30 s of base64 
 EVENTS_PER_SECOND, EVENT_BURST = 100.0, 400  # a token bucket: past it the client floods
 MAX_TURN_SECONDS = 30.0  # one Whisper window
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
-VAD_EVERY_SECONDS = 0.2  # how often the open buffer is scored for speech
+VAD_EVERY_SECONDS = 0.1  # how often the open buffer is scored for speech
 VAD_CONTEXT_SECONDS = 2.0  # frames already scored are scored again with this much audio before them
 SPEECH_FRAMES = 3  # frames above the threshold in a row that start speech (about 100 ms)
 
@@ -362,7 +362,9 @@ class RealtimeSession:
                 stop = self._speech_start + turn_frames * FRAME_SAMPLES
             else:
                 stop = min(self._buffer_start + (begin + end) * FRAME_SAMPLES + padding, self._end())
-            self._emit("input_audio_buffer.speech_stopped", audio_end_ms=_ms(stop), item_id=self._item)
+            # The end of the speech itself; the turn's audio keeps the padding after it.
+            speech_end = min(stop, self._buffer_start + (begin + (end or turn_frames)) * FRAME_SAMPLES)
+            self._emit("input_audio_buffer.speech_stopped", audio_end_ms=_ms(speech_end), item_id=self._item)
             self._commit(self._speech_start, stop)
             self._reset_buffer(drop=stop - self._buffer_start)
             speech = self._probabilities >= vad.threshold

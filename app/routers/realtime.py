@@ -23,6 +23,8 @@ async def realtime(websocket: WebSocket, intent: str = "transcription") -> None:
         return
     if service.realtime_sessions >= settings.realtime_max_sessions:
         metrics.realtime_closes.labels("busy").inc()
-        await websocket.close(1013, "too many realtime sessions (LITEASR_REALTIME_MAX_SESSIONS); try again later")
+        await websocket.close(
+            1013, "too many realtime sessions (LITEASR_REALTIME_MAX_SESSIONS); try again later"
+        )
         return
     await RealtimeSession(websocket, service).run()
