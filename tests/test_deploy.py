@@ -563,7 +563,8 @@ def prometheus_config(service_url: str, self_address: str) -> dict:
 
 
 def send_traffic(url: str, jfk: Path) -> None:
-    """Real transcriptions on both routes (concurrent, so they share batches), and one refused upload."""
+    """Real transcriptions on both routes (concurrent, so they share batches), one refused upload, and a visit to
+    the web page."""
     audio = jfk.read_bytes()
 
     def post(path: str) -> int:
@@ -579,6 +580,8 @@ def send_traffic(url: str, jfk: Path) -> None:
         f"{url}/transcribe", files={"file": ("x.wav", b"not audio at all", "audio/wav")}, timeout=60
     )
     assert bad.status_code == 415
+    for path in ("/", "/static/page.js"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 200
 
 
 @pytest.fixture(scope="module")
