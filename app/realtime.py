@@ -61,7 +61,7 @@ class _Config:
     prompt: str | None = None
     vad: VadOptions | None = field(default_factory=VadOptions)  # None: the client commits turns itself
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, model: str) -> dict[str, Any]:
         turn = None
         if self.vad is not None:
             turn = {
@@ -76,7 +76,7 @@ class _Config:
             "audio": {
                 "input": {
                     "format": {"type": "audio/pcm", "rate": self.rate},
-                    "transcription": {"model": "whisper-1", "language": self.language, "prompt": self.prompt},
+                    "transcription": {"model": model, "language": self.language, "prompt": self.prompt},
                     "turn_detection": turn,
                 }
             },
@@ -234,7 +234,7 @@ class RealtimeSession:
         )
 
     def _session(self) -> dict[str, Any]:
-        return {"id": self.id, **self.config.describe()}
+        return {"id": self.id, **self.config.describe(self.service.model_name)}
 
     # -- client events --------------------------------------------------------------------------------------
 

@@ -235,3 +235,31 @@ def test_long_silence_a_vanishing_client_and_idle_sessions_leave_nothing_behind(
         assert value(samples, "liteasr_realtime_turns_total", result="completed") >= 1
         assert value(samples, "liteasr_realtime_caption_latency_seconds_count") >= 1
         assert monitor.get("/readyz").status_code == 200
+
+
+def test_the_openai_clients_realtime_api_works(server, jfk):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        assert connection.recv().type == "session.created"
+        connection.session.update(
+            session={
+                "type": "transcription",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}, "turn_detection": None}},
+            }
+        )
+        assert connection.recv().type == "session.updated"
+        pcm = pcm24k(jfk)
+        for start in range(0, len(pcm), 2 * RATE):
+            connection.input_audio_buffer.append(
+                audio=base64.b64encode(pcm[start : start + 2 * RATE]).decode()
+            )
+        connection.input_audio_buffer.commit()
+        deltas = []
+        for event in connection:
+            if event.type == "conversation.item.input_audio_transcription.delta":
+                deltas.append(event.delta)
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                break
+    assert "".join(deltas) == event.transcript and words(event.transcript) == words(JFK)
