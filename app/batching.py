@@ -24,6 +24,7 @@ engine and its scheduler once its last ticket is released; `retired` tells when.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -373,19 +374,24 @@ class Batcher:
             raise
         except Exception:  # a bug outside the model: that scheduler's windows fail, the service goes on
             logger.exception("a scheduler iteration failed; failing the windows of %s", engine.info.name)
-            self._fail_engine(engine, TranscriptionFailed("transcription failed"))
+            await self._fail_engine(engine, TranscriptionFailed("transcription failed"))
             return
         self._deliver(engine, report, time.monotonic() - started)
 
-    def _fail_engine(self, engine: SpeechEngine, error: BaseException) -> None:
-        """Fail every window of `engine` and give it a fresh scheduler (the old one's state is suspect)."""
+    async def _fail_engine(self, engine: SpeechEngine, error: BaseException) -> None:
+        """Fail every window of `engine` and give it a fresh scheduler (the old one's state is suspect), built on
+        the worker thread: allocating its slots takes a while, and the event loop must not wait for it."""
         for (owner, window_id), (job, index) in list(self._jobs.items()):
             if owner is engine:
                 del self._jobs[(owner, window_id)]
                 if not job.futures[index].done():
                     job.futures[index].set_exception(error)
         if engine in self._schedulers:
-            self._schedulers[engine] = engine.scheduler(max_rows=self._schedulers[engine].max_rows)
+            fresh = await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(engine.scheduler, max_rows=self._schedulers[engine].max_rows)
+            )
+            if engine in self._schedulers:  # not retired meanwhile
+                self._schedulers[engine] = fresh
 
     def _publish_gauges(self) -> None:
         self.metrics.queue_depth.set(self.queued_windows)
