@@ -388,7 +388,8 @@ class Batcher:
                     job.futures[index].set_exception(error)
         if engine in self._schedulers:
             fresh = await asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(engine.scheduler, max_rows=self._schedulers[engine].max_rows)
+                self._executor,
+                functools.partial(engine.scheduler, max_rows=self._schedulers[engine].max_rows),
             )
             if engine in self._schedulers:  # not retired meanwhile
                 self._schedulers[engine] = fresh

@@ -8,6 +8,11 @@ queue limit, deadline, metrics) and shares the decoder batch with uploads; its t
 `conversation.item.input_audio_transcription.delta` events, then `.completed`. Turns of a session are transcribed
 one after the other, so their events arrive in order.
 
+An extension, only for sessions opened with `?partials=true`: while a turn is still being spoken, it is decoded
+again about once a second and `conversation.item.input_audio_transcription.partial` {item_id, transcript} gives
+its text so far (each replaces the last; the turn's deltas and `completed` follow as usual). Clients of OpenAI's
+protocol that do not ask never see it.
+
 Every server event carries `type` and `event_id`. A malformed event gets an `error` event and the session goes on;
 a binary frame (1003), a frame over `MAX_FRAME_BYTES` (1009) or a flood of events (1008) closes it. When the client
 vanishes, the turn being transcribed is cancelled (its rows are freed at the next step) and nothing is left behind.
@@ -50,6 +55,10 @@ MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
 VAD_EVERY_SECONDS = 0.1  # how often the open buffer is scored for speech
 VAD_CONTEXT_SECONDS = 2.0  # frames already scored are scored again with this much audio before them
 SPEECH_FRAMES = 3  # frames above the threshold in a row that start speech (about 100 ms)
+PARTIAL_EVERY_SECONDS = 1.0  # the extension: how often an open turn is decoded again
+PARTIAL_EVENT = (
+    "conversation.item.input_audio_transcription.partial"  # not OpenAI's: only with ?partials=true
+)
 
 
 @dataclass
@@ -100,7 +109,7 @@ class _Close(Exception):
 class RealtimeSession:
     """One WebSocket: its audio buffer, its turn detection, its turns."""
 
-    def __init__(self, websocket: WebSocket, service: Service) -> None:
+    def __init__(self, websocket: WebSocket, service: Service, *, partials: bool = False) -> None:
         self.websocket = websocket
         self.service = service
         self.settings = service.settings
@@ -118,6 +127,9 @@ class RealtimeSession:
         self._speech_start: int | None = None  # session sample where the open turn's speech starts
         self._item: str | None = None  # the open turn's item id (speech started)
         self._previous_item: str | None = None
+        self._partials = partials  # the extension: captions of the open turn while it is spoken
+        self._partial: asyncio.Task | None = None
+        self._partial_at = 0  # session sample up to which the last partial decoded
         self._tokens = float(EVENT_BURST)
         self._refilled = time.monotonic()
 
@@ -145,6 +157,9 @@ class RealtimeSession:
             if not self._gone.done():
                 self._gone.set_result(None)  # a turn being transcribed is cancelled: 499, its rows freed
             turns.cancel()
+            if self._partial is not None:
+                self._partial.cancel()
+                await asyncio.gather(self._partial, return_exceptions=True)
             self._outbox.put_nowait(None)
             await asyncio.gather(turns, return_exceptions=True)
             sender.cancel()
@@ -357,6 +372,7 @@ class RealtimeSession:
             end = _silence_after_speech(speech[begin:], quiet[begin:], silence_frames)
             turn_frames = int(MAX_TURN_SECONDS * SAMPLE_RATE) // FRAME_SAMPLES
             if end is None and len(speech) - begin < turn_frames:
+                self._maybe_partial()
                 return
             if end is None:  # 30 s of speech: commit it as it is and go on in a new turn
                 stop = self._speech_start + turn_frames * FRAME_SAMPLES
@@ -369,6 +385,32 @@ class RealtimeSession:
             self._reset_buffer(drop=stop - self._buffer_start)
             speech = self._probabilities >= vad.threshold
             quiet = self._probabilities < max(0.01, vad.threshold - 0.15)
+
+    def _maybe_partial(self) -> None:
+        """The extension: decode the open turn again about once a second while it is spoken, one at a time."""
+        if not self._partials or self._item is None or self._speech_start is None:
+            return
+        if self._partial is not None and not self._partial.done():
+            return
+        if self._end() - max(self._partial_at, self._speech_start) < PARTIAL_EVERY_SECONDS * SAMPLE_RATE:
+            return
+        self._partial_at = self._end()
+        audio = self._buffer[self._speech_start - self._buffer_start :].copy()
+        self._partial = asyncio.create_task(self._decode_partial(self._item, audio))
+
+    async def _decode_partial(self, item: str, audio: np.ndarray) -> None:
+        options = DecodeOptions(language=self.config.language, prompt=self.config.prompt)
+        try:
+            with self.service.admit() as ticket:
+                prepare = functools.partial(self.service.windows, audio, None)
+                outcome = await self.service.transcribe_prepared(ticket, prepare, options, gone=self._gone)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a full queue: no partial this time, the turn's own transcript still comes
+            logger.debug("a partial caption was skipped", exc_info=True)
+            return
+        if self._item == item:  # still being spoken: once committed, its own deltas and completed follow
+            self._emit(PARTIAL_EVENT, item_id=item, content_index=0, transcript=outcome.transcription.text)
 
     def _commit_all(self) -> None:
         """`input_audio_buffer.commit`: the whole buffer is one turn."""

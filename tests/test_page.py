@@ -334,7 +334,7 @@ def test_record_speaks_the_realtime_protocol_and_shows_captions(browser, server,
         context.add_init_script(NO_AUDIO_WORKLET)
     page = context.new_page()
     fake = FakeRealtime()
-    page.route_web_socket(re.compile(r"^ws://[^/]+/v1/realtime\?intent=transcription$"), fake)
+    page.route_web_socket(re.compile(r"^ws://[^/]+/v1/realtime\?intent=transcription&partials=true$"), fake)
     page.goto(f"{server.url}/")
     expect(page.get_by_test_id("status")).to_contain_text("Ready")
     record, status, transcript = (page.get_by_test_id(k) for k in ("record", "status", "transcript"))

@@ -263,3 +263,28 @@ def test_the_openai_clients_realtime_api_works(server, jfk):
             if event.type == "conversation.item.input_audio_transcription.completed":
                 break
     assert "".join(deltas) == event.transcript and words(event.transcript) == words(JFK)
+
+
+def test_partial_captions_while_a_turn_is_spoken(server, clip_path):
+    """`?partials=true` (an extension): a long turn is decoded again while it is spoken; the partials come before
+    its commit and grow towards its transcript."""
+    speech = load_audio(clip_path("asterisk_demo-instruct"))[: 9 * SAMPLE_RATE]  # no 500 ms pause in it
+    audio = np.concatenate([speech, np.zeros(int(1.5 * SAMPLE_RATE), dtype=np.float32)])
+    ws = connect(server.url.replace("http", "ws") + "/v1/realtime?intent=transcription&partials=true")
+    assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+    started = time.monotonic()
+    for index, event in enumerate(chunks(pcm24k(audio))):
+        ws.send(event)
+        time.sleep(max(0.0, started + (index + 1) * CHUNK_SECONDS - time.monotonic()))
+    received = events_until(ws, "conversation.item.input_audio_transcription.completed")
+    ws.close()
+    kinds = [e["type"] for e in received]
+    partials = [e for e in received if e["type"] == "conversation.item.input_audio_transcription.partial"]
+    assert len(partials) >= 2, kinds
+    assert kinds.index("conversation.item.input_audio_transcription.partial") < kinds.index(
+        "input_audio_buffer.committed"
+    )
+    final = received[-1]["transcript"]
+    assert {p["item_id"] for p in partials} == {received[-1]["item_id"]}
+    assert len(words(partials[-1]["transcript"]).split()) > len(words(partials[0]["transcript"]).split())
+    assert words(partials[-1]["transcript"]).split()[:3] == words(final).split()[:3]

@@ -11,7 +11,8 @@ router = APIRouter(tags=["realtime"])
 
 
 @router.websocket("/v1/realtime")
-async def realtime(websocket: WebSocket, intent: str = "transcription") -> None:
+async def realtime(websocket: WebSocket, intent: str = "transcription", partials: bool = False) -> None:
+    """`partials=true`: also captions of a turn while it is spoken (the `...transcription.partial` extension)."""
     service: Service = websocket.app.state.service
     metrics, settings = service.metrics, service.settings
     if intent != "transcription":
@@ -27,4 +28,4 @@ async def realtime(websocket: WebSocket, intent: str = "transcription") -> None:
             1013, "too many realtime sessions (LITEASR_REALTIME_MAX_SESSIONS); try again later"
         )
         return
-    await RealtimeSession(websocket, service).run()
+    await RealtimeSession(websocket, service, partials=partials).run()

@@ -4,7 +4,8 @@
 "use strict";
 
 (() => {
-  const REALTIME_PATH = "v1/realtime?intent=transcription";
+  // partials=true: the server's extension, captions of a turn while it is still spoken.
+  const REALTIME_PATH = "v1/realtime?intent=transcription&partials=true";
   const CONNECT_TIMEOUT_MS = 10000;
   const FINISH_TIMEOUT_MS = 10000; // after Stop: how long to wait for the last turn's transcript
   const READY_RETRY_MS = 2000;
@@ -407,8 +408,22 @@
         caption(session, event.item_id);
         session.pending.add(event.item_id);
         break;
+      case "conversation.item.input_audio_transcription.partial": {
+        // The text so far of a turn still being spoken; its deltas replace it once the turn ends.
+        const element = caption(session, event.item_id);
+        if (!element.classList.contains("final") && !element.dataset.streaming) {
+          element.textContent = event.transcript.trim();
+          element.dataset.partial = "true";
+        }
+        break;
+      }
       case "conversation.item.input_audio_transcription.delta": {
         const element = caption(session, event.item_id);
+        if (element.dataset.partial) {
+          element.textContent = "";
+          delete element.dataset.partial;
+        }
+        element.dataset.streaming = "true";
         element.textContent += event.delta;
         break;
       }
