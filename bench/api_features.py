@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+from machine import describe, summary  # bench/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -141,16 +141,14 @@ def main() -> None:
                     lines.append("| " + " | ".join(row) + " |")
             lines += ["", f"Words in all: {totals[0]} with VAD, {totals[1]} without.", ""]
 
-    import torch
-
     header = [
         "# API features, measured through the server",
         "",
         f"Command: `.venv/bin/python bench/api_features.py --model {args.model}"
         + (f" --output {args.output}`" if args.output else "`"),
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-        f"model {Path(args.model).name}, server defaults (int8 decoder, VAD on), one run.",
+        f"Machine: {summary(describe('onnxruntime', 'silero_vad'))}; model {Path(args.model).name}, server "
+        "defaults (int8 decoder, VAD on), one run.",
         "",
     ]
     text = "\n".join(header + lines)

@@ -16,7 +16,6 @@ import argparse
 import base64
 import io
 import json
-import platform
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 import soxr
+from machine import describe, summary  # bench/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -144,14 +144,12 @@ def main() -> None:
     decode_times = np.array([x for r in results for x in r["decode_times"]])
     upload_wer = wer_scores([reference], [upload]).corpus_wer * 100
     session_wers = [wer_scores([reference], [r["transcript"]]).corpus_wer * 100 for r in results]
-    import torch
-
     lines = [
         "# Live captions under load",
         "",
         f"Command: `.venv/bin/python bench/realtime_bench.py --model {args.model} --sessions {args.sessions}`",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; model {Path(args.model).name}, "
+        f"Machine: {summary(describe('onnxruntime', 'silero_vad'))}; model {Path(args.model).name}, "
         "server defaults (int8 decoder, VAD on, LITEASR_MAX_BATCH_SIZE=8), one run.",
         f"Audio: {len(clips)} dev clips of {len({r['speaker'] for r in clips})} voices, 1.2 s of silence after "
         f"each, {len(audio) / SAMPLE_RATE:.1f} s, streamed by {args.sessions} sessions at once (started 0.77 s "

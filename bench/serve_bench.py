@@ -29,7 +29,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -44,6 +43,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import soundfile as sf
+from machine import describe  # bench/machine.py (this script's folder is on the path)
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data" / "speech" / "manifest.jsonl"
@@ -431,32 +431,6 @@ def decoder_steps(engine, clip: Clip, rows_list=(1, 8, 16), steps: int = 20) -> 
 # -- report ------------------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import ctranslate2
-    import faster_whisper
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ctranslate2": ctranslate2.__version__,
-        "faster_whisper": faster_whisper.__version__,
-        "kernel": platform.release(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
-    }
-
-
 def render(report: dict, levels: list[Level], direct: list, steps: dict, by_id: dict[str, Clip]) -> str:
     m = report["machine"]
     clips = report["clips"]
@@ -688,7 +662,7 @@ def main() -> None:
         ),
         "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "elapsed_s": time.time() - started,
-        "machine": machine(),
+        "machine": describe("transformers", "ctranslate2", "faster_whisper"),
         "load_before": load_before,
         "load_after": load_after,
         "requests": args.requests,

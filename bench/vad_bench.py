@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from machine import describe  # bench/machine.py (this script's folder is on the path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -251,28 +250,6 @@ def vad_cost_section(detector) -> dict:
     }
 
 
-def machine() -> dict:
-    import onnxruntime
-    import silero_vad
-    import torch
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "silero_vad": silero_vad.__version__,
-    }
-
-
 def render(report: dict) -> str:
     m = report["machine"]
     pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
@@ -379,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": "python bench/vad_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        "machine": describe("onnxruntime", "silero_vad"),
         "model": f"{engine.name} ({engine.info.quantization or engine.info.dtype}, {engine.info.device})",
         "repeats": args.repeats,
     }

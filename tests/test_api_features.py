@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile as sf
 from helpers import JFK, assert_error_shape, scrape, value, wait_until, words
-from server import RunningServer, serve
+from server import RunningServer, serve_model
 from signals import no_speech
 
 from liteasr.audio import SAMPLE_RATE, load_audio
@@ -47,13 +47,7 @@ def events(response: httpx.Response) -> list[tuple[float, dict]]:
 @pytest.fixture(scope="module")
 def server(tiny_en_dir, tmp_path_factory) -> RunningServer:
     work = tmp_path_factory.mktemp("api-features")
-    settings = {
-        "LITEASR_MODEL": str(tiny_en_dir),
-        "LITEASR_CACHE_DIR": str(work / "cache"),
-        "LITEASR_MAX_BATCH_SIZE": "4",
-        "LITEASR_INT8": "off",
-    }
-    with serve(settings, work / "server.log") as running:
+    with serve_model(tiny_en_dir, work, LITEASR_MAX_BATCH_SIZE="4", LITEASR_INT8="off") as running:
         yield running
 
 

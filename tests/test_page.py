@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from helpers import JFK, scrape, value, wait_until, words
-from server import RunningServer, serve
+from server import RunningServer, serve_model
 
 from liteasr.audio import SAMPLE_RATE, load_audio
 
@@ -53,14 +53,8 @@ PCM_RATE = 24_000
 @pytest.fixture(scope="module")
 def server(tiny_en_dir, tmp_path_factory) -> RunningServer:
     work = tmp_path_factory.mktemp("page")
-    settings = {
-        "LITEASR_MODEL": str(tiny_en_dir),
-        "LITEASR_CACHE_DIR": str(work / "cache"),
-        "LITEASR_MAX_BATCH_SIZE": "4",
-        # float32: the page's streamed transcript is compared with a second, non-streamed decoding
-        "LITEASR_INT8": "off",
-    }
-    with serve(settings, work / "server.log") as running:
+    # float32: the page's streamed transcript is compared with a second, non-streamed decoding
+    with serve_model(tiny_en_dir, work, LITEASR_MAX_BATCH_SIZE="4", LITEASR_INT8="off") as running:
         yield running
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soxr
 from helpers import JFK, scrape, value, wait_until, words
-from server import RunningServer, serve
+from server import RunningServer, serve_model
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -32,13 +32,8 @@ CHUNK_SECONDS = 0.1
 @pytest.fixture(scope="module")
 def server(tiny_en_dir, tmp_path_factory) -> Iterator[RunningServer]:
     work = tmp_path_factory.mktemp("realtime")
-    settings = {
-        "LITEASR_MODEL": str(tiny_en_dir),
-        "LITEASR_CACHE_DIR": str(work / "cache"),
-        "LITEASR_MAX_BATCH_SIZE": "4",
-        "LITEASR_REALTIME_IDLE_TIMEOUT_S": "5",
-    }
-    with serve(settings, work / "server.log") as running:
+    settings = {"LITEASR_MAX_BATCH_SIZE": "4", "LITEASR_REALTIME_IDLE_TIMEOUT_S": "5"}
+    with serve_model(tiny_en_dir, work, **settings) as running:
         yield running
 
 
