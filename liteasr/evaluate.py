@@ -46,6 +46,7 @@ __all__ = [
     "ModelResult",
     "UtteranceScore",
     "WerScores",
+    "evaluate_model",
     "evaluate_models",
     "is_repetition_loop",
     "normalize_text",
@@ -228,14 +229,20 @@ def evaluate_models(
     """
     if not model_sources:
         raise ValueError("no models to evaluate")
-    if not clips:
-        raise ValueError("no clips to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_inputs(clips, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)  # fail before the slow part, not after it
     audios = [load_audio(clip.audio) for clip in clips]
     models = tuple(
-        _evaluate_one(source, clips, audios, engine_factory, options, batch_size, groups, latency_repeats)
+        evaluate_model(
+            source,
+            clips,
+            engine_factory=engine_factory,
+            audios=audios,
+            options=options,
+            batch_size=batch_size,
+            groups=groups,
+            latency_repeats=latency_repeats,
+        )
         for source in model_sources
     )
     audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
@@ -253,16 +260,31 @@ def evaluate_models(
     return report
 
 
-def _evaluate_one(
+def _check_inputs(clips: Sequence[Clip], batch_size: int) -> None:
+    if not clips:
+        raise ValueError("no clips to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def evaluate_model(
     source: str,
     clips: Sequence[Clip],
-    audios: list[np.ndarray],
+    *,
     engine_factory: Callable[[str], EvalEngine],
-    options: Any,
-    batch_size: int,
-    groups: Mapping[str, Callable[[Clip], bool]],
-    latency_repeats: int | None,
+    audios: list[np.ndarray] | None = None,
+    options: Any = None,
+    batch_size: int = 8,
+    groups: Mapping[str, Callable[[Clip], bool]] = DEFAULT_GROUPS,
+    latency_repeats: int | None = 5,
 ) -> ModelResult:
+    """One model on the clips, writing nothing: what `evaluate_models` tabulates and the compression gate compares.
+
+    `audios`: the clips' audio when already loaded (to share it between models), else it is loaded here.
+    """
+    _check_inputs(clips, batch_size)
+    if audios is None:
+        audios = [load_audio(clip.audio) for clip in clips]
     engine = engine_factory(source)
     log.info("evaluating %s (%s) on %d clips", engine.info.name, source, len(clips))
     start = time.perf_counter()

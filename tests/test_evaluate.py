@@ -16,6 +16,7 @@ from liteasr.engine import ModelInfo
 from liteasr.errors import LiteASRError, ManifestError
 from liteasr.evaluate import (
     CALIBRATION_SPEAKER,
+    evaluate_model,
     evaluate_models,
     is_repetition_loop,
     normalize_text,
@@ -361,6 +362,18 @@ def test_latency_can_be_skipped_and_empty_groups_are_left_out(tmp_path, clips, e
     assert list(model["groups"]) == ["all"]
     assert model["groups"]["all"]["wer"] == pytest.approx(22 / 14)
     assert "| sloppy | 8.00 | n/a | 157.14 | 46.67 | 1 | 157.14 | n/a |" in report.results_md.read_text()
+
+
+def test_one_model_is_scored_without_writing_anything(tmp_path, clips, engines):
+    before = sorted(tmp_path.iterdir())
+    result = evaluate_model(
+        "src/sloppy", clips, engine_factory=engines.__getitem__, groups={}, latency_repeats=None
+    )
+    assert (result.name, result.groups, result.encoder_latency_seconds) == ("sloppy", {}, None)
+    assert result.scores.corpus_wer == pytest.approx(22 / 14) and result.loops == 1
+    assert sorted(tmp_path.iterdir()) == before
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        evaluate_model("src/sloppy", clips, engine_factory=engines.__getitem__, batch_size=0)
 
 
 def test_engine_returning_the_wrong_number_of_transcripts(tmp_path, clips, engines):
