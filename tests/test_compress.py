@@ -1,4 +1,5 @@
-"""Compression: statistics, rank choice, factorization, the checkpoint and report, and tiny.en accuracy."""
+"""Compression: statistics, rank choice, factorization, the checkpoint and report, the job with its gate, and
+tiny.en accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+from liteasr.audio import load_audio
 from liteasr.cli import main
 from liteasr.compress import (
     DEFAULT_THRESHOLDS,
@@ -31,9 +35,11 @@ from liteasr.compress import (
     principal_components,
     select_clips,
 )
+from liteasr.engine import Engine, ModelInfo
 from liteasr.errors import CompressionError
 from liteasr.manifest import Clip, read_manifest
 from liteasr.modeling import LiteWhisperForConditionalGeneration, LowRankLinear, encoder_parameters
+from liteasr.pipeline import CompressJob, GateResult, GateSpec, run_compress_job
 
 MANIFEST = Path(__file__).resolve().parents[1] / "data" / "speech" / "manifest.jsonl"
 SR = 16000
@@ -365,6 +371,81 @@ def test_cli_compress_writes_a_checkpoint(random_dir, tmp_path, capsys):
         main(["compress", str(random_dir), str(out), "--calibration", str(manifest), "--threshold", "x"]) == 1
     )
     assert "ATTN:MLP" in capsys.readouterr().err
+
+
+# -- the job: source, compression, gate ------------------------------------------------------------------------
+
+
+def test_a_job_passes_its_options_through_whole_and_reports_every_stage(random_dir, tmp_path):
+    options = CompressOptions(method="packed", max_clips=2, thresholds={"fc1": 0.5}, seed=1)
+    job = CompressJob(
+        source=str(random_dir), out_dir=tmp_path / "lite", calibration=MANIFEST, options=options
+    )
+    stages, reports = [], []
+    result = run_compress_job(job, lambda stage, fraction: stages.append(stage), on_report=reports.append)
+    assert list(dict.fromkeys(stages)) == ["import", "calibrate", "factorize", "save"]
+    assert result.base == random_dir and result.gate is None and result.passed
+    assert reports == [result.report] and result.report.options == asdict(options)
+    saved = json.loads((tmp_path / "lite" / "compression_report.json").read_text())
+    assert saved == json.loads(json.dumps(result.report.to_dict()))
+
+
+class ScriptedEngine:
+    """Says the transcripts it is given, by audio length, and nothing for other audio."""
+
+    def __init__(self, name: str, texts: dict[int, str]) -> None:
+        self.info = ModelInfo(name, "cpu", "float32", None, 0, False, ("en",))
+        self.texts = texts
+
+    def transcribe(self, audios, options=None):
+        return [SimpleNamespace(text=self.texts.get(len(audio), "")) for audio in audios]
+
+
+@pytest.mark.parametrize(("budget", "passed"), [(100.0, True), (99.9, False)])
+def test_the_gate_compares_source_and_result_on_the_gate_clips(
+    random_dir, tmp_path, monkeypatch, budget, passed
+):
+    clips = read_manifest(MANIFEST, split="dev", max_clips=3)
+    texts = {len(load_audio(clip.audio)): clip.text for clip in clips}
+    assert len(texts) == len(clips)
+    loaded = []
+
+    def load(source: str, device: str) -> ScriptedEngine:
+        """The source says every word, the result none."""
+        loaded.append((source, device))
+        return ScriptedEngine(Path(source).name, texts if source == str(random_dir) else {})
+
+    monkeypatch.setattr(Engine, "load", load)
+    gate = GateSpec(MANIFEST, split="dev", max_clips=3, max_wer_increase=budget)
+    job = CompressJob(
+        str(random_dir), tmp_path / "lite", MANIFEST, options=CompressOptions(max_clips=2), gate=gate
+    )
+    stages = []
+    result = run_compress_job(job, lambda stage, fraction: stages.append((stage, fraction)))
+    assert loaded == [(str(random_dir), "cpu"), (str(tmp_path / "lite"), "cpu")]
+    assert [s for s in stages if s[0] == "gate"] == [("gate", 0.0), ("gate", 0.5), ("gate", 1.0)]
+    assert result.gate == GateResult(
+        split="dev",
+        clips=3,
+        corpus_wer_before=0.0,
+        corpus_wer_after=100.0,  # every word deleted
+        utterance_wer_before=0.0,
+        utterance_wer_after=100.0,
+        increase=100.0,
+        max_wer_increase=budget,
+        passed=passed,
+    )
+    assert result.passed is passed
+    assert (tmp_path / "lite" / "config.json").is_file()  # a failed gate leaves the model for its caller
+
+
+def test_a_job_with_an_empty_split_fails_before_compressing(random_dir, tmp_path):
+    job = CompressJob(str(random_dir), tmp_path / "lite", MANIFEST, gate=GateSpec(MANIFEST, split="nope"))
+    with pytest.raises(CompressionError, match="gate manifest has no clips in split 'nope'"):
+        run_compress_job(job)
+    with pytest.raises(CompressionError, match="calibration manifest has no clips in split 'dev2'"):
+        run_compress_job(replace(job, calibration_split="dev2", gate=None))
+    assert list(tmp_path.iterdir()) == [random_dir]
 
 
 # -- the real tiny.en -------------------------------------------------------------------------------------------
