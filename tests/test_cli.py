@@ -1,12 +1,18 @@
-"""The `liteasr` command line on the real tiny.en."""
+"""The `liteasr` command line: on the real tiny.en, and what `compress` hands to the library."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from liteasr import cli
 from liteasr.cli import main
+from liteasr.compress import METHODS, CompressOptions
+from liteasr.pipeline import CompressJob, GateResult, GateSpec
 from tests.conftest import MANIFEST
 
 
@@ -34,6 +40,72 @@ def test_eval_writes_table_json_and_plot(tiny_en_dir, tmp_path, capsys):
     assert "whisper-tiny.en" in capsys.readouterr().out
 
 
+@pytest.mark.real
+def test_compress_exits_with_1_when_its_gate_fails_and_keeps_the_model(tiny_en_dir, tmp_path, capsys):
+    out = tmp_path / "lite"
+    ruined = ["--max-clips", "4", "--threshold", "fc1=0.5,fc2=0.5"]  # WER 100% on these clips
+    gate = ["--gate", str(MANIFEST), "--gate-max-clips", "3", "--max-wer-increase", "0"]
+    assert main(["compress", str(tiny_en_dir), str(out), "--calibration", str(MANIFEST), *ruined, *gate]) == 1
+    printed = capsys.readouterr()
+    assert f"wrote {out}" in printed.out and "gate on dev (3 clips)" in printed.out, printed.out
+    assert "FAILED" in printed.out and "the gate failed" in printed.err
+    assert json.loads((out / "compression_report.json").read_text())["clips"] == 4
+
+
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert main(["transcribe", str(tmp_path / "missing-model"), str(tmp_path / "a.wav")]) == 1
     assert capsys.readouterr().err.startswith("liteasr transcribe: ")
+
+
+# -- compress: the library's job, defaults and choices ------------------------------------------------------
+
+
+def compress_job(monkeypatch, *options: str, gate: GateResult | None = None) -> tuple[int, CompressJob]:
+    """The job `liteasr compress base out --calibration m.jsonl OPTIONS` runs, and the exit status, with the
+    library function replaced by one that only records it."""
+    jobs: list[CompressJob] = []
+
+    def record(job: CompressJob, **callbacks) -> SimpleNamespace:
+        jobs.append(job)
+        return SimpleNamespace(gate=gate)
+
+    monkeypatch.setattr(cli, "run_compress_job", record)
+    code = main(["compress", "base", "out", "--calibration", "m.jsonl", *options])
+    [job] = jobs
+    return code, job
+
+
+def test_compress_defaults_are_the_library_defaults(monkeypatch):
+    code, job = compress_job(monkeypatch)
+    assert code == 0
+    assert job == CompressJob(source="base", out_dir=Path("out"), calibration=Path("m.jsonl"))
+    assert job.options == CompressOptions() and job.gate is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_library_method_is_a_compress_choice(monkeypatch, method):
+    assert compress_job(monkeypatch, "--method", method)[1].options == CompressOptions(method=method)
+
+
+def test_compress_options_reach_the_job(monkeypatch):
+    _, job = compress_job(
+        monkeypatch,
+        *("--max-clips", "0", "--threshold", "fc1=0.9", "--seed", "3", "--low-rank-attention"),
+        *("--gate", "g.jsonl", "--gate-split", "long", "--gate-max-clips", "5", "--max-wer-increase", "2.5"),
+    )
+    assert job.options == CompressOptions(
+        max_clips=None, thresholds={"fc1": 0.9}, seed=3, low_rank_attention=True
+    )
+    assert job.gate == GateSpec(Path("g.jsonl"), split="long", max_clips=5, max_wer_increase=2.5)
+    assert compress_job(monkeypatch, "--gate", "g.jsonl")[1].gate == GateSpec(Path("g.jsonl"))
+
+
+def test_a_failed_gate_exits_with_1_and_says_the_model_is_written(monkeypatch, capsys):
+    failed = GateResult("dev", 3, 4.0, 9.5, 3.0, 8.0, 5.5, 1.0, False)
+    code, _ = compress_job(monkeypatch, "--gate", "g.jsonl", gate=failed)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "gate on dev (3 clips): corpus WER 4.00% -> 9.50% (+5.50 points, budget 1)" in out
+    assert err.startswith("liteasr compress: the gate failed") and "written anyway (out)" in err
+    code, _ = compress_job(monkeypatch, "--gate", "g.jsonl", gate=replace(failed, passed=True))
+    assert code == 0 and "passed" in capsys.readouterr().out
