@@ -6,8 +6,10 @@ compression never blocks the event loop, and a crash, a kill or a leak takes dow
 reports progress through a pipe; the runner writes it to SQLite (`DATA_DIR/jobs.sqlite3`). After a restart, a job
 that was running is marked failed (its process died with the server) and queued jobs run.
 
-The child builds the model in `MODELS_DIR/.jobs/<id>/` and moves it to `MODELS_DIR/<name>` only when compression
-and the gate are done, so a failed or cancelled job leaves no half-written model where it could be served.
+The child runs the library's compression job (`liteasr.pipeline`: import, calibrate, factorize, save, gate), the
+same as `liteasr compress`. It builds the model in `MODELS_DIR/.jobs/<id>/` and moves it to `MODELS_DIR/<name>`
+only when compression and the gate are done, so a failed or cancelled job leaves no half-written model where it
+could be served. A model whose gate failed is moved there too, but never activated by its job.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -488,83 +490,51 @@ def _exit_with_parent() -> None:
 
 
 def _compress_job(spec: dict[str, Any], send: Callable[..., None]) -> None:
+    """The library's compression job from `spec`, then the result moved into the models folder."""
     import torch
 
-    from liteasr.checkpoints import import_checkpoint, resolve_model_dir
-    from liteasr.compress import CompressOptions, compress_checkpoint, parse_thresholds
+    from liteasr.compress import CompressOptions, parse_thresholds
     from liteasr.engine import resolve_device
     from liteasr.errors import CompressionError
-    from liteasr.manifest import read_manifest
+    from liteasr.pipeline import CompressJob, GateSpec, run_compress_job
 
     torch.set_num_threads(spec["threads"])
-    device = str(resolve_device(spec["device"])[0])
-    has_gate = spec["gate"] is not None
-    scale = 1.0 if has_gate else 1 / STAGE_SPANS["save"][1]  # without a gate, compression fills the bar
+    gate = spec["gate"]
+    built = Path(spec["work_dir"]) / spec["name"]
+    job = CompressJob(
+        source=spec["source"],
+        out_dir=built,
+        calibration=Path(spec["calibration"]),
+        calibration_split=spec["split"],
+        options=CompressOptions(
+            method=spec["method"],
+            thresholds=None if spec["threshold"] is None else parse_thresholds(spec["threshold"]),
+            max_clips=spec["max_clips"],
+            device=str(resolve_device(spec["device"])[0]),
+        ),
+        gate=None
+        if gate is None
+        else GateSpec(
+            manifest=Path(gate["manifest"]),
+            split=gate["split"],
+            max_clips=gate["max_clips"],
+            max_wer_increase=gate["max_wer_increase"],
+        ),
+        cache_dir=Path(spec["cache_dir"]),
+    )
+    # Without a gate, compression fills the bar.
+    scale = 1.0 if gate is not None else 1 / STAGE_SPANS["save"][1]
     spans = {stage: (low * scale, high * scale) for stage, (low, high) in STAGE_SPANS.items()}
 
     def progress(stage: str, fraction: float) -> None:
         low, high = spans[stage]
         send("progress", stage=stage, progress=low + (high - low) * min(max(fraction, 0.0), 1.0))
 
-    progress("import", 0.0)
-    cache_dir = Path(spec["cache_dir"])
-    base = resolve_model_dir(spec["source"], cache_dir)
-    if isinstance(base, str):  # a Hub id: import it once (the compressor needs a local folder)
-        base = cache_dir / ("hub-" + base.replace("/", "--"))
-        if not (base / "config.json").is_file():
-            import_checkpoint(spec["source"], base)
-    progress("import", 1.0)
-
-    clips = read_manifest(spec["calibration"], split=spec["split"])
-    if not clips:
-        raise CompressionError(f"the calibration manifest has no clips in split {spec['split']!r}")
-    options = CompressOptions(
-        **({} if spec["method"] is None else {"method": spec["method"]}),
-        thresholds=None if spec["threshold"] is None else parse_thresholds(spec["threshold"]),
-        max_clips=spec["max_clips"],
-        device=device,
-    )
-    built = Path(spec["work_dir"]) / spec["name"]
-    report = compress_checkpoint(base, built, clips, options, progress=progress)
-    send("report", report=json.loads((built / "compression_report.json").read_text()))
-    del report
-
-    if has_gate:
-        send("gate", gate=_gate(spec["gate"], base, built, device, progress))
+    result = run_compress_job(job, progress, on_report=lambda report: send("report", report=report.to_dict()))
+    if result.gate is not None:
+        send("gate", gate=asdict(result.gate))
 
     target = Path(spec["models_dir"]) / spec["name"]
     if target.exists():
         raise CompressionError(f"{spec['name']} appeared in the models folder while the job ran")
     built.rename(target)
-
-
-def _gate(gate: dict[str, Any], base: Path, built: Path, device: str, progress) -> dict[str, Any]:
-    """WER of the source and of the compressed model on the gate clips."""
-    from liteasr.audio import load_audio
-    from liteasr.engine import Engine
-    from liteasr.evaluate import wer_scores
-    from liteasr.manifest import read_manifest
-
-    clips = read_manifest(gate["manifest"], split=gate["split"], max_clips=gate["max_clips"])
-    audios = [load_audio(clip.audio) for clip in clips]
-    references = [clip.text for clip in clips]
-    scores = []
-    for step, source in enumerate((base, built)):
-        engine = Engine.load(source, device=device)
-        texts = [t.text for t in engine.transcribe(audios)]
-        scores.append(wer_scores(references, texts))
-        del engine
-        progress("gate", (step + 1) / 2)
-    before, after = scores
-    increase = 100 * (after.corpus_wer - before.corpus_wer)
-    return {
-        "split": gate["split"],
-        "clips": len(clips),
-        "corpus_wer_before": round(100 * before.corpus_wer, 3),
-        "corpus_wer_after": round(100 * after.corpus_wer, 3),
-        "utterance_wer_before": round(100 * before.mean_utterance_wer, 3),
-        "utterance_wer_after": round(100 * after.mean_utterance_wer, 3),
-        "increase": round(increase, 3),
-        "max_wer_increase": gate["max_wer_increase"],
-        "passed": increase <= gate["max_wer_increase"] + 1e-9,
-    }

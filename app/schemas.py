@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.errors import UnsupportedParameter
 from app.uploads import Upload
+from liteasr import pipeline
+from liteasr.compress import METHODS, CompressOptions, parse_thresholds
 from liteasr.engine import DecodeOptions
+from liteasr.errors import CompressionError
 from liteasr.vad import VadOptions
 
 __all__ = [
@@ -403,20 +406,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The library's defaults and choices, so that a job asked for over HTTP is the same as `liteasr compress`'s.
+_OPTIONS = pipeline.field_defaults(CompressOptions)
+_JOB = pipeline.field_defaults(pipeline.CompressJob)
+_GATE = pipeline.field_defaults(pipeline.GateSpec)
+
+
 class CalibrationSpec(_Strict):
     manifest: str = Field(description="JSONL manifest, relative to LITEASR_DATA_DIR.")
-    split: str = Field("calib", min_length=1, max_length=64)
+    split: str = Field(_JOB["calibration_split"], min_length=1, max_length=64)
     max_clips: int | None = Field(
-        64, ge=1, le=100_000, description="Calibration clips used (chosen evenly); null: all."
+        _OPTIONS["max_clips"],
+        ge=1,
+        le=100_000,
+        description="Calibration clips used (spread over speakers); null: all.",
     )
 
 
 class GateSpec(_Strict):
     manifest: str = Field(description="JSONL manifest, relative to LITEASR_DATA_DIR.")
-    split: str = Field("dev", min_length=1, max_length=64)
-    max_clips: int | None = Field(None, ge=1, le=100_000, description="First clips of the split; null: all.")
+    split: str = Field(_GATE["split"], min_length=1, max_length=64)
+    max_clips: int | None = Field(
+        _GATE["max_clips"], ge=1, le=100_000, description="First clips of the split; null: all."
+    )
     max_wer_increase: float = Field(
-        1.0,
+        _GATE["max_wer_increase"],
         ge=0,
         le=100,
         description="Most corpus-WER points the compressed model may lose against its source.",
@@ -436,30 +450,20 @@ class CompressJobRequest(_Strict):
     threshold: str | None = Field(
         None, max_length=300, description="ATTN:MLP or map=value,...; null: the method's recommended setting."
     )
-    method: str | None = Field(None, description="Compression method; null: the recommended one.")
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        _OPTIONS["method"], description="Which encoder frames calibration counts (docs/compression.md)."
+    )
     activate: bool = Field(False, description="Serve the result once built (and once its gate passed).")
     gate: GateSpec | None = Field(None, description="Accuracy check before activation.")
 
     @field_validator("threshold")
     @classmethod
     def _threshold(cls, value: str | None) -> str | None:
-        from liteasr.compress import CompressOptions, parse_thresholds
-        from liteasr.errors import CompressionError
-
         if value is not None:
             try:
                 CompressOptions(thresholds=parse_thresholds(value))
             except CompressionError as error:
                 raise ValueError(str(error)) from None
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, value: str | None) -> str | None:
-        from liteasr.compress import METHODS
-
-        if value is not None and value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
         return value
 
 

@@ -25,6 +25,9 @@ from server import serve
 
 from app.config import Settings
 from app.main import create_app
+from app.schemas import CompressJobRequest
+from liteasr import pipeline
+from liteasr.compress import METHODS, CompressOptions
 from liteasr.evaluate import wer_scores
 
 pytestmark = pytest.mark.real
@@ -217,6 +220,23 @@ def test_bad_job_requests_are_refused_before_they_run(client, settings, change, 
     assert client.get("/admin/jobs", headers=AUTH).json()["data"] == []
 
 
+def test_what_a_request_leaves_out_is_the_library_default():
+    request = CompressJobRequest(source="m", name="n", calibration={"manifest": "speech.jsonl"}, gate=None)
+    defaults = CompressOptions()
+    assert (request.method, request.threshold) == (defaults.method, None)  # None: the method's thresholds
+    assert request.calibration.max_clips == defaults.max_clips
+    assert request.calibration.split == pipeline.field_defaults(pipeline.CompressJob)["calibration_split"]
+    gate = CompressJobRequest.model_validate({**request.model_dump(), "gate": {"manifest": "g.jsonl"}}).gate
+    assert gate is not None
+    library = pipeline.GateSpec(Path("g.jsonl"))
+    assert (gate.split, gate.max_clips, gate.max_wer_increase) == (
+        library.split,
+        library.max_clips,
+        library.max_wer_increase,
+    )
+    assert CompressJobRequest.model_json_schema()["properties"]["method"]["enum"] == list(METHODS)
+
+
 def test_an_oversized_admin_body_is_refused(client):
     response = client.post("/admin/compress", headers=AUTH, content=b"{" + b" " * 70_000 + b"}")
     assert_error_shape(response, 413, "upload_too_large")
@@ -258,6 +278,7 @@ def test_a_job_compresses_while_the_service_keeps_answering(client, jfk_file):
 
     report = job["report"]
     assert report["clips"] == 4
+    assert job["request"]["method"] == report["method"] == CompressOptions().method
     assert report["encoder_parameters_after"] < report["encoder_parameters_before"]
     gate = job["gate"]
     assert gate["clips"] == 3 and gate["passed"] is True
