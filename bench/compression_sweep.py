@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/compression_sweep.py                    # tiny.en and base, every setting
     .venv/bin/python bench/compression_sweep.py --models tiny.en   # one model
-For each base model and setting it runs what `liteasr compress` runs (the command is recorded with the results),
+For each base model and setting it runs what `liteasr compress` runs (`liteasr.pipeline.run_compress_job`, with the
+library's defaults for everything the setting leaves out; the command is recorded with the results),
 transcribes the dev clips of other voices and of the calibration voice, then measures encoder latency at batch 1
 and 8 with every model of the sweep loaded, in interleaved rounds (best of N: on a shared CPU the other tenants'
 load then hits every model alike), and feeds the transcripts to `liteasr.evaluate.evaluate_models` (the code
@@ -72,8 +73,11 @@ def log(message: str) -> None:
 
 
 def compress_command(base: Path, out: Path, setting: Setting) -> str:
+    from liteasr.compress import CompressOptions
+    from liteasr.pipeline import field_defaults
+
     command = f"liteasr compress {base} {out} --calibration data/speech/manifest.jsonl"
-    if setting.method != "mixed":
+    if setting.method != field_defaults(CompressOptions)["method"]:
         command += f" --method {setting.method}"
     if setting.threshold is not None:
         command += f" --threshold {setting.threshold}"
@@ -91,8 +95,9 @@ def ensure_base(model: str, work: Path) -> Path:
 
 
 def ensure_compressed(base: Path, out: Path, setting: Setting) -> dict:
-    from liteasr.compress import CompressOptions, compress_checkpoint, parse_thresholds
-    from liteasr.manifest import read_manifest
+    """The job `compress_command` describes, through the library function `liteasr compress` calls."""
+    from liteasr.compress import CompressOptions, parse_thresholds
+    from liteasr.pipeline import CompressJob, run_compress_job
 
     report_path = out / "compression_report.json"
     if not report_path.is_file():
@@ -101,7 +106,7 @@ def ensure_compressed(base: Path, out: Path, setting: Setting) -> dict:
             method=setting.method,
             thresholds=None if setting.threshold is None else parse_thresholds(setting.threshold),
         )
-        compress_checkpoint(base, out, read_manifest(MANIFEST, split="calib"), options)
+        run_compress_job(CompressJob(source=str(base), out_dir=out, calibration=MANIFEST, options=options))
     return json.loads(report_path.read_text())
 
 
