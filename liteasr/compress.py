@@ -38,7 +38,9 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from liteasr.audio import SAMPLE_RATE, load_audio, split_windows
+from liteasr.budget import MapKey, OutputProbe, RankChoice, allocate, probe_rank, rank_choices, tail_shares
 from liteasr.errors import CompressionError
+from liteasr.healing import HealReport, factor_parameters, heal
 from liteasr.manifest import Clip
 from liteasr.modeling import (
     LOW_RANK_MAPS,
@@ -138,11 +140,43 @@ class CompressOptions:
     # None: every frame counts fully. Method "reference" ignores it, as the paper has no such step.
     outlier_factor: float | None = 4.0
     low_rank_attention: bool = False  # set config.low_rank_attention (liteasr.attention)
+    # Fraction of the encoder's parameters to keep. Set, it chooses the rank of every map in `budget_maps` together
+    # from measured sensitivity (liteasr.budget) instead of thresholds; None: thresholds.
+    budget: float | None = None
+    budget_maps: tuple[str, ...] = LOW_RANK_MAPS  # the maps a budget may factorize
+    probe_windows: int = 8  # calibration windows the budget measures sensitivity on (half alone, half packed)
+    heal_steps: int = 0  # batches of healing (liteasr.healing) after factorization; 0: none
+    heal_learning_rate: float = 3e-4
+    heal_batch_size: int = 4  # 30 s windows per healing step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise CompressionError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        thresholds = dict(DEFAULT_THRESHOLDS[self.method] if self.thresholds is None else self.thresholds)
+        if self.budget is not None:
+            if self.thresholds is not None:
+                raise CompressionError("give a budget or thresholds, not both")
+            if not 0.0 < self.budget < 1.0:
+                raise CompressionError(
+                    f"the budget is the fraction of parameters to keep, in (0, 1); got {self.budget}"
+                )
+            if not self.budget_maps or set(self.budget_maps) - set(LOW_RANK_MAPS):
+                raise CompressionError(
+                    f"budget_maps must name maps among {LOW_RANK_MAPS}, got {self.budget_maps}"
+                )
+            object.__setattr__(self, "budget_maps", tuple(n for n in LOW_RANK_MAPS if n in self.budget_maps))
+        if (
+            self.probe_windows < 1
+            or self.heal_steps < 0
+            or self.heal_batch_size < 1
+            or self.heal_learning_rate <= 0
+        ):
+            raise CompressionError(
+                "probe_windows and heal_batch_size must be positive, heal_steps >= 0, heal_learning_rate > 0"
+            )
+        if self.budget is not None:
+            thresholds = {}
+        else:
+            thresholds = dict(DEFAULT_THRESHOLDS[self.method] if self.thresholds is None else self.thresholds)
         if unknown := sorted(set(thresholds) - set(LOW_RANK_MAPS)):
             raise CompressionError(
                 f"thresholds name unknown maps {unknown}; expected names among {LOW_RANK_MAPS}"
@@ -173,7 +207,16 @@ class CompressOptions:
 
     @property
     def factorized_maps(self) -> tuple[str, ...]:
+        """The maps whose statistics count: those a budget may factorize, or those with a threshold below 1."""
+        if self.budget is not None:
+            return self.budget_maps
         return tuple(name for name, value in self.thresholds.items() if value < 1.0)
+
+    @property
+    def pack_gaps(self) -> tuple[float | None, ...]:
+        """One calibration pass per entry: None puts every clip alone in its window, a number packs them."""
+        gap = self.pack_gap_seconds
+        return {"mixed": (None, gap), "packed": (gap,)}.get(self.method, (None,))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -368,6 +411,37 @@ def _window_batches(
         yield batch, len(audios)
 
 
+def _featurize(
+    batch: Sequence[np.ndarray],
+    extractor: WhisperFeatureExtractor,
+    options: CompressOptions,
+    window_frames: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mel features of a batch of windows, and which encoder frames count (method "reference": all of them)."""
+    features = extractor(list(batch), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    if options.method == "reference":
+        return features, torch.ones(len(batch), window_frames, dtype=torch.bool)
+    frame_samples = 2 * extractor.hop_length  # the stride-2 conv halves the mel frame rate: 20 ms
+    mask = torch.zeros(len(batch), window_frames, dtype=torch.bool)
+    for row, samples in enumerate(batch):
+        n = math.ceil(len(samples) / frame_samples) + options.speech_margin_frames
+        mask[row, : max(1, min(window_frames, n))] = True
+    return features, mask
+
+
+def _extractor_for(
+    encoder: WhisperEncoder, extractor: WhisperFeatureExtractor | None
+) -> WhisperFeatureExtractor:
+    extractor = extractor or WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
+    window_frames = encoder.config.max_source_positions  # encoder frames per window (1500 for 30 s)
+    if extractor.nb_max_frames != 2 * window_frames:
+        raise CompressionError(
+            f"the feature extractor makes {extractor.nb_max_frames} mel frames per window, the encoder expects "
+            f"{2 * window_frames}"
+        )
+    return extractor
+
+
 def collect_statistics(
     model: WhisperForConditionalGeneration | WhisperEncoder,
     audios: Sequence[np.ndarray | Clip],
@@ -385,14 +459,8 @@ def collect_statistics(
     if not audios:
         raise CompressionError("no calibration audio")
     encoder = _encoder(model)
-    extractor = feature_extractor or WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
-    window_frames = encoder.config.max_source_positions  # encoder frames per window (1500 for 30 s)
-    if extractor.nb_max_frames != 2 * window_frames:
-        raise CompressionError(
-            f"the feature extractor makes {extractor.nb_max_frames} mel frames per window, the encoder expects "
-            f"{2 * window_frames}"
-        )
-    frame_samples = 2 * extractor.hop_length  # the stride-2 conv halves the mel frame rate: 20 ms
+    extractor = _extractor_for(encoder, feature_extractor)
+    window_frames = encoder.config.max_source_positions
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
     maps = {
@@ -410,9 +478,7 @@ def collect_statistics(
 
         return hook
 
-    # One pass over the clips per entry: None puts every clip alone in its window, a number packs them.
-    gap = options.pack_gap_seconds
-    pack_gaps = {"mixed": (None, gap), "packed": (gap,)}.get(options.method, (None,))
+    pack_gaps = options.pack_gaps
     handles = [module.register_forward_hook(hook_for(key)) for key, module in maps.items()]
     frames = windows = 0
     try:
@@ -420,18 +486,9 @@ def collect_statistics(
             for step, pack_gap in enumerate(pack_gaps):
                 batches = _window_batches(audios, extractor.chunk_length, pack_gap, options.batch_size)
                 for batch, clips_done in batches:
-                    features = extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-                    if options.method == "reference":
-                        mask = None
-                        frames += len(batch) * window_frames
-                    else:
-                        mask = torch.zeros(len(batch), window_frames, dtype=torch.bool)
-                        for row, samples in enumerate(batch):
-                            n = math.ceil(len(samples) / frame_samples) + options.speech_margin_frames
-                            mask[row, : max(1, min(window_frames, n))] = True
-                        frames += int(mask.sum())
-                        mask = mask.to(device)
-                    selected[0] = mask
+                    features, mask = _featurize(batch, extractor, options, window_frames)
+                    frames += int(mask.sum())
+                    selected[0] = None if options.method == "reference" else mask.to(device)
                     encoder(features.to(device, dtype))
                     windows += len(batch)
                     if progress is not None:
@@ -470,6 +527,8 @@ class MapReport:
     out_features: int
     parameters_before: int
     parameters_after: int
+    sensitivity: float | None = None  # with a budget: output error per share of energy lost (liteasr.budget)
+    predicted_error: float | None = None  # with a budget: this map's predicted share of the output error
 
 
 @dataclass(frozen=True)
@@ -489,6 +548,12 @@ class CompressionReport:
     cuda_max_allocated_bytes: int | None  # during compression; None off CUDA
     low_rank_attention_layers: list[int] = field(default_factory=list)  # q and k ranks below the head dim
     base: str | None = None  # where the base model came from, when known
+    # Relative encoder output error on the probe windows (liteasr.budget): predicted from the allocation, measured
+    # after factorization, and after healing. None where no budget or healing asked for a probe.
+    predicted_output_error: float | None = None
+    output_error: float | None = None
+    healed_output_error: float | None = None
+    heal: HealReport | None = None
 
     @property
     def parameter_reduction(self) -> float:
@@ -537,7 +602,8 @@ def compress(
     """Compress `base_model`'s encoder with statistics from `clips` (Clip rows or 16 kHz float32 audio).
 
     `base_model` is left as it is; the lite model shares its untouched tensors (clone it first to modify either)
-    and keeps its device and dtype. `progress(stage, fraction)` is called with stages "calibrate", "factorize".
+    and keeps its device and dtype. `progress(stage, fraction)` is called with stages "calibrate", "sensitivity"
+    (with a budget), "factorize" and "heal" (with healing).
     """
     options = options or CompressOptions()
     started = time.perf_counter()
@@ -550,39 +616,93 @@ def compress(
         clips = clips[: options.max_clips]
     if not clips:
         raise CompressionError("no calibration clips")
+    extractor = _extractor_for(base_model.model.encoder, feature_extractor)
     was_training = base_model.training
     base_model.eval()
     try:
         calibration = _calibration_encoder(base_model, options)
         stats, counts = collect_statistics(
-            calibration, clips, options, feature_extractor=feature_extractor, progress=progress
+            calibration, clips, options, feature_extractor=extractor, progress=progress
         )
+        probe = None
+        if options.budget is not None or options.heal_steps:
+            probe = OutputProbe(calibration, *_probe_windows(clips, extractor, options, calibration.config))
+        dense_maps = _encoder_maps(base_model)
+        components = {
+            key: principal_components(map_stats.covariance)
+            for key, map_stats in stats.items()
+            if isinstance(dense_maps[key], nn.Linear)
+        }
+        allocation, sensitivity = {}, {}
+        if options.budget is not None:
+            assert probe is not None
+            allocation, sensitivity = _allocate(
+                base_model, calibration, stats, components, probe, options, progress
+            )
+
+        low_rank: dict[MapKey, LowRankLinear] = {}
+        layers: list[dict[str, MapReport]] = [{} for _ in base_model.model.encoder.layers]
+        for done, ((index, name), module) in enumerate(dense_maps.items(), start=1):
+            d_in, d_out = module.in_features, module.out_features
+            before = sum(p.numel() for p in module.parameters())
+            rank, kept = None, 1.0
+            if (index, name) in components:
+                values, vectors = components[(index, name)]
+                if options.budget is None:
+                    rank, kept = choose_rank(
+                        values, options.threshold(name), d_in, d_out, options.rank_multiple
+                    )
+                else:
+                    rank = allocation[(index, name)].rank
+                    kept = 1.0 if rank is None else 1.0 - float(tail_shares(values)[rank])
+                if rank is not None:
+                    low_rank[(index, name)] = factorize_linear(
+                        module, vectors[:, :rank], stats[(index, name)].mean
+                    )
+            if isinstance(module, LowRankLinear):  # already factorized in the base: reported as it is
+                rank = module.rank
+            after = before if rank is None else rank * (d_in + d_out) + d_out
+            choice = allocation.get((index, name))
+            layers[index][name] = MapReport(
+                rank,
+                kept,
+                d_in,
+                d_out,
+                before,
+                after,
+                sensitivity=sensitivity.get((index, name)),
+                predicted_error=None if choice is None else choice.predicted_error,
+            )
+            if progress is not None:
+                progress("factorize", done / len(dense_maps))
+        lite = LiteWhisperForConditionalGeneration.from_whisper(
+            base_model, low_rank, low_rank_attention=options.low_rank_attention
+        )
+        output_error = healed_output_error = heal_report = None
+        if probe is not None:
+            output_error = probe.model_error(_student_encoder(lite, options))
+        if options.heal_steps and low_rank:
+            student = _student_encoder(lite, options)
+            heal_report = heal(
+                student,
+                calibration,
+                _heal_batches(clips, extractor, options, calibration.config),
+                steps=options.heal_steps,
+                learning_rate=options.heal_learning_rate,
+                progress=None if progress is None else lambda fraction: progress("heal", fraction),
+            )
+            assert probe is not None
+            healed_output_error = probe.model_error(student)
+            if student is not lite.model.encoder:
+                with torch.no_grad():
+                    for kept_factor, trained in zip(
+                        factor_parameters(lite.model.encoder), factor_parameters(student), strict=True
+                    ):
+                        kept_factor.copy_(trained)
     finally:
         base_model.train(was_training)
     del calibration
 
-    dense_maps = _encoder_maps(base_model)
-    low_rank: dict[tuple[int, str], LowRankLinear] = {}
-    layers: list[dict[str, MapReport]] = [{} for _ in base_model.model.encoder.layers]
-    for done, ((index, name), module) in enumerate(dense_maps.items(), start=1):
-        d_in, d_out = module.in_features, module.out_features
-        before = sum(p.numel() for p in module.parameters())
-        rank, kept = None, 1.0
-        if (index, name) in stats and isinstance(module, nn.Linear):
-            map_stats = stats[(index, name)]
-            values, vectors = principal_components(map_stats.covariance)
-            rank, kept = choose_rank(values, options.threshold(name), d_in, d_out, options.rank_multiple)
-            if rank is not None:
-                low_rank[(index, name)] = factorize_linear(module, vectors[:, :rank], map_stats.mean)
-        if isinstance(module, LowRankLinear):  # already factorized in the base: reported as it is
-            rank = module.rank
-        after = before if rank is None else rank * (d_in + d_out) + d_out
-        layers[index][name] = MapReport(rank, kept, d_in, d_out, before, after)
-        if progress is not None:
-            progress("factorize", done / len(dense_maps))
-    lite = LiteWhisperForConditionalGeneration.from_whisper(
-        base_model, low_rank, low_rank_attention=options.low_rank_attention
-    )
     ranks = lite.config.low_rank_config
     head_dim = lite.config.d_model // lite.config.encoder_attention_heads
     report = CompressionReport(
@@ -608,8 +728,99 @@ def compress(
             for i, r in enumerate(ranks)
             if r.get("q_proj", head_dim) < head_dim and r.get("k_proj", head_dim) < head_dim
         ],
+        predicted_output_error=(
+            sum(c.predicted_error for c in allocation.values()) if options.budget is not None else None
+        ),
+        output_error=output_error,
+        healed_output_error=healed_output_error,
+        heal=heal_report,
     )
     return lite, report
+
+
+def _probe_windows(
+    clips: Sequence[Clip | np.ndarray],
+    extractor: WhisperFeatureExtractor,
+    options: CompressOptions,
+    config: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `probe_windows` calibration windows, shared out between the method's passes (alone, packed)."""
+    features, masks = [], []
+    gaps = options.pack_gaps
+    for number, gap in enumerate(gaps):
+        wanted = options.probe_windows // len(gaps) + (number < options.probe_windows % len(gaps))
+        for batch, _ in _window_batches(clips, extractor.chunk_length, gap, wanted):
+            batch_features, mask = _featurize(batch, extractor, options, config.max_source_positions)
+            features.append(batch_features)
+            masks.append(mask)
+            break
+    device = torch.device(options.device)
+    return torch.cat(features).to(device, options.torch_dtype), torch.cat(masks).to(device)
+
+
+def _allocate(
+    base_model: WhisperForConditionalGeneration,
+    calibration: WhisperEncoder,
+    stats: Mapping[MapKey, MapStatistics],
+    components: Mapping[MapKey, tuple[torch.Tensor, torch.Tensor]],
+    probe: OutputProbe,
+    options: CompressOptions,
+    progress: ProgressCallback | None,
+) -> tuple[dict[MapKey, RankChoice], dict[MapKey, float]]:
+    """Every budgeted map's rank, from one truncation probe per map, and the sensitivities measured."""
+    assert options.budget is not None
+    maps = _encoder_maps(calibration)
+    dense = _encoder_maps(base_model)
+    choices: dict[MapKey, list[RankChoice]] = {}
+    sensitivity: dict[MapKey, float] = {}
+    for done, (key, (values, vectors)) in enumerate(components.items(), start=1):
+        rank = probe_rank(values, options.rank_multiple)
+        lost = float(tail_shares(values)[rank])
+        error = probe.error(maps, {key: (stats[key].mean, vectors[:, :rank])})
+        sensitivity[key] = error / lost if lost > 0 else 0.0
+        module = dense[key]
+        choices[key] = rank_choices(
+            values,
+            sum(p.numel() for p in module.parameters()),
+            module.in_features,
+            sensitivity[key],
+            options.rank_multiple,
+        )
+        if progress is not None:
+            progress("sensitivity", done / len(components))
+    fixed = encoder_parameters(base_model) - sum(choices[key][0].parameters for key in choices)
+    available = math.floor(options.budget * encoder_parameters(base_model)) - fixed
+    return allocate(choices, available), sensitivity
+
+
+def _student_encoder(lite: LiteWhisperForConditionalGeneration, options: CompressOptions) -> WhisperEncoder:
+    """The lite encoder to heal: its own on the calibration device in float32, else a float32 copy there."""
+    encoder = lite.model.encoder
+    weight = next(encoder.parameters())
+    if weight.device == torch.device(options.device) and weight.dtype == torch.float32:
+        return encoder
+    return copy.deepcopy(encoder).to(device=options.device, dtype=torch.float32)
+
+
+def _heal_batches(
+    clips: Sequence[Clip | np.ndarray],
+    extractor: WhisperFeatureExtractor,
+    options: CompressOptions,
+    config: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Healing batches without end: epoch after epoch over the clips in a seeded order, each epoch one of the
+    method's passes (alone, packed) in turn, read from disk as they come."""
+    rng = random.Random(options.seed)
+    device = torch.device(options.device)
+    epoch = 0
+    while True:
+        order = list(clips)
+        rng.shuffle(order)
+        gap = options.pack_gaps[epoch % len(options.pack_gaps)]
+        for batch, _ in _window_batches(order, extractor.chunk_length, gap, options.heal_batch_size):
+            features, mask = _featurize(batch, extractor, options, config.max_source_positions)
+            yield features.to(device), mask.to(device)
+        epoch += 1
 
 
 _PROCESSOR_FILES = (

@@ -78,3 +78,20 @@ def handmade_wav(
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(data) if data_size is None else data_size) + data
     return b"RIFF" + struct.pack("<I", len(body) if riff_size is None else riff_size) + body
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the CPU tensors alive now, parameters left out: what a stage keeps beyond the model."""
+    import gc
+
+    import torch
+
+    # type(), not isinstance(): the heap may hold weak proxies whose referent is gone, and isinstance() on one
+    # raises ReferenceError.
+    return sum(
+        obj.untyped_storage().nbytes()
+        for obj in gc.get_objects()
+        if issubclass(type(obj), torch.Tensor)
+        and not issubclass(type(obj), torch.nn.Parameter)
+        and obj.device.type == "cpu"
+    )

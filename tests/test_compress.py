@@ -3,7 +3,6 @@ tiny.en accuracy."""
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import live_tensor_bytes
 from safetensors.torch import load_file
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
@@ -239,18 +239,6 @@ def _split(audio):
     return [w.samples for w in split_windows(audio, window_seconds=3, search_seconds=0.5)]
 
 
-def _live_tensor_bytes() -> int:
-    # type(), not isinstance(): the heap may hold weak proxies whose referent is gone, and isinstance() on one
-    # raises ReferenceError.
-    return sum(
-        obj.untyped_storage().nbytes()
-        for obj in gc.get_objects()
-        if issubclass(type(obj), torch.Tensor)
-        and not issubclass(type(obj), torch.nn.Parameter)
-        and obj.device.type == "cpu"
-    )
-
-
 def test_calibration_memory_does_not_grow_with_the_number_of_clips(whisper, extractor):
     """Tensors alive after the last batch: the same over 2 or 8 clips. Storing activations would grow it ~4x."""
     options = CompressOptions(method="reference", batch_size=2, max_clips=None)
@@ -259,7 +247,7 @@ def test_calibration_memory_does_not_grow_with_the_number_of_clips(whisper, extr
 
         def measure(stage: str, fraction: float, count: int = count) -> None:
             if fraction == 1.0:
-                live[count] = _live_tensor_bytes()
+                live[count] = live_tensor_bytes()
 
         stats, _ = collect_statistics(
             whisper, noise_clips(count), options, feature_extractor=extractor, progress=measure
