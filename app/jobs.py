@@ -42,11 +42,14 @@ logger = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "cancelled")
 WORK_DIR = ".jobs"  # under MODELS_DIR; hidden, so never listed or activated
 KILL_AFTER_S = 10.0  # a cancelled job's process gets SIGTERM, then SIGKILL after this long
-# Share of a job's progress per stage; the gate transcribes its clips twice (source and result).
+# Share of a job's progress per stage (sensitivity with a budget, heal with healing; their share is skipped
+# otherwise); the gate transcribes its clips twice (source and result).
 STAGE_SPANS = {
     "import": (0.0, 0.05),
-    "calibrate": (0.05, 0.6),
-    "factorize": (0.6, 0.75),
+    "calibrate": (0.05, 0.25),
+    "sensitivity": (0.25, 0.35),
+    "factorize": (0.35, 0.4),
+    "heal": (0.4, 0.75),
     "save": (0.75, 0.8),
     "gate": (0.8, 1.0),
 }
@@ -434,9 +437,7 @@ class JobRunner:
             "source": self.registry.source(request.source),
             "calibration": str(self._manifest(request.calibration.manifest, "calibration manifest")),
             "split": request.calibration.split,
-            "max_clips": request.calibration.max_clips,
-            "threshold": request.threshold,
-            "method": request.method,
+            "options": request.compress_options(),
             "gate": None
             if gate is None
             else {
@@ -493,7 +494,7 @@ def _compress_job(spec: dict[str, Any], send: Callable[..., None]) -> None:
     """The library's compression job from `spec`, then the result moved into the models folder."""
     import torch
 
-    from liteasr.compress import CompressOptions, parse_thresholds
+    from liteasr.compress import CompressOptions
     from liteasr.engine import resolve_device
     from liteasr.errors import CompressionError
     from liteasr.pipeline import CompressJob, GateSpec, run_compress_job
@@ -506,12 +507,7 @@ def _compress_job(spec: dict[str, Any], send: Callable[..., None]) -> None:
         out_dir=built,
         calibration=Path(spec["calibration"]),
         calibration_split=spec["split"],
-        options=CompressOptions(
-            method=spec["method"],
-            thresholds=None if spec["threshold"] is None else parse_thresholds(spec["threshold"]),
-            max_clips=spec["max_clips"],
-            device=str(resolve_device(spec["device"])[0]),
-        ),
+        options=CompressOptions(**spec["options"], device=str(resolve_device(spec["device"])[0])),
         gate=None
         if gate is None
         else GateSpec(

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import UnsupportedParameter
 from app.uploads import Upload
@@ -453,18 +453,39 @@ class CompressJobRequest(_Strict):
     method: Literal[METHODS] = Field(  # type: ignore[valid-type]
         _OPTIONS["method"], description="Which encoder frames calibration counts (docs/compression.md)."
     )
+    budget: float | None = Field(
+        _OPTIONS["budget"],
+        gt=0,
+        lt=1,
+        description="Fraction of the encoder's parameters to keep, every map's rank chosen together; null: "
+        "thresholds. Left out with a threshold given: null.",
+    )
+    heal_steps: int = Field(
+        _OPTIONS["heal_steps"], ge=0, le=100_000, description="Steps of healing after factorization; 0: none."
+    )
     activate: bool = Field(False, description="Serve the result once built (and once its gate passed).")
     gate: GateSpec | None = Field(None, description="Accuracy check before activation.")
 
-    @field_validator("threshold")
-    @classmethod
-    def _threshold(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                CompressOptions(thresholds=parse_thresholds(value))
-            except CompressionError as error:
-                raise ValueError(str(error)) from None
-        return value
+    @model_validator(mode="after")
+    def _options(self) -> CompressJobRequest:
+        try:
+            CompressOptions(**self.compress_options())
+        except CompressionError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def compress_options(self) -> dict[str, Any]:
+        """`CompressOptions` arguments (plain data: the job process gets them pickled)."""
+        budget = self.budget
+        if self.threshold is not None and "budget" not in self.model_fields_set:
+            budget = None
+        return {
+            "method": self.method,
+            "thresholds": None if self.threshold is None else parse_thresholds(self.threshold),
+            "max_clips": self.calibration.max_clips,
+            "budget": budget,
+            "heal_steps": self.heal_steps,
+        }
 
 
 class GateResult(BaseModel):
@@ -483,7 +504,9 @@ class JobOut(BaseModel):
     id: str
     name: str = Field(description="The model folder the job writes.")
     state: JobState
-    stage: str = Field(description="queued, starting, import, calibrate, factorize, save, gate, done, ...")
+    stage: str = Field(
+        description="queued, starting, import, calibrate, sensitivity, factorize, heal, save, gate, done, ..."
+    )
     progress: float = Field(ge=0, le=1)
     created_at: datetime
     started_at: datetime | None

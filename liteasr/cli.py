@@ -115,9 +115,19 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _compress_job(args: argparse.Namespace) -> CompressJob:
     """The job `liteasr compress` runs; options not on the command line keep CompressOptions' defaults."""
+    defaults = field_defaults(CompressOptions)
+    budget = args.budget
+    if budget is None:  # not given: thresholds when --threshold asks for them, else the library's default
+        budget = None if args.threshold is not None else defaults["budget"]
     options = CompressOptions(
         method=args.method,
         thresholds=None if args.threshold is None else parse_thresholds(args.threshold),
+        budget=budget or None,
+        budget_maps=tuple(name.strip() for name in args.budget_maps.split(",") if name.strip()),
+        probe_windows=args.probe_windows,
+        heal_steps=args.heal_steps,
+        heal_learning_rate=args.heal_learning_rate,
+        heal_batch_size=args.heal_batch_size,
         max_clips=args.max_clips or None,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -199,6 +209,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="energy to keep: ATTN:MLP (the paper's form, e.g. 0.99:0.999) or map=value pairs "
         "(e.g. fc1=0.99,fc2=0.95; maps not named stay dense); default: the method's",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="fraction of the encoder's parameters to keep, every map's rank chosen together from measured "
+        f"sensitivity (0: use thresholds instead; default {options['budget'] or 0}, or 0 with --threshold)",
+    )
+    p.add_argument(
+        "--budget-maps",
+        default=",".join(options["budget_maps"]),
+        help="maps a budget may factorize, comma-separated (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-windows",
+        type=int,
+        default=options["probe_windows"],
+        help="calibration windows the budget measures sensitivity on (default %(default)s)",
+    )
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        default=options["heal_steps"],
+        help="steps of label-free distillation of the factors against the original encoder after "
+        "factorization (0: none; default %(default)s)",
+    )
+    p.add_argument(
+        "--heal-learning-rate",
+        type=float,
+        default=options["heal_learning_rate"],
+        help="healing's peak learning rate (default %(default)s)",
+    )
+    p.add_argument(
+        "--heal-batch-size",
+        type=int,
+        default=options["heal_batch_size"],
+        help="30 s windows per healing step (default %(default)s)",
     )
     p.add_argument(
         "--method",

@@ -200,6 +200,9 @@ def test_the_scheme_is_case_insensitive(client):
         ({"threshold": "bogus"}, 422, "validation_error"),
         ({"threshold": "fc1=2"}, 422, "validation_error"),
         ({"method": "magic"}, 422, "validation_error"),
+        ({"budget": 1.5}, 422, "validation_error"),
+        ({"budget": 0.5, "threshold": "fc1=0.9"}, 422, "validation_error"),  # one or the other
+        ({"heal_steps": -1}, 422, "validation_error"),
         ({"calibration": {"manifest": "speech.jsonl", "max_clips": 0}}, 422, "validation_error"),
         ({"unknown_field": 1}, 422, "validation_error"),
         ({"source": None}, 422, "validation_error"),
@@ -235,6 +238,11 @@ def test_what_a_request_leaves_out_is_the_library_default():
         library.max_wer_increase,
     )
     assert CompressJobRequest.model_json_schema()["properties"]["method"]["enum"] == list(METHODS)
+    assert CompressOptions(**request.compress_options()) == defaults
+    with_threshold = CompressJobRequest(
+        source="m", name="n", calibration={"manifest": "speech.jsonl"}, threshold="fc1=0.9"
+    )
+    assert CompressOptions(**with_threshold.compress_options()) == CompressOptions(thresholds={"fc1": 0.9})
 
 
 def test_an_oversized_admin_body_is_refused(client):

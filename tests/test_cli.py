@@ -100,6 +100,23 @@ def test_compress_options_reach_the_job(monkeypatch):
     assert compress_job(monkeypatch, "--gate", "g.jsonl")[1].gate == GateSpec(Path("g.jsonl"))
 
 
+def test_budget_and_healing_options_reach_the_job(monkeypatch):
+    budget = ("--budget", "0.6", "--budget-maps", "fc1,q_proj", "--probe-windows", "4")
+    heal = ("--heal-steps", "7", "--heal-learning-rate", "0.001", "--heal-batch-size", "2")
+    _, job = compress_job(monkeypatch, *budget, *heal)
+    assert job.options == CompressOptions(
+        budget=0.6,
+        budget_maps=("q_proj", "fc1"),
+        probe_windows=4,
+        heal_steps=7,
+        heal_learning_rate=0.001,
+        heal_batch_size=2,
+    )
+    # --budget 0 asks for thresholds; so does --threshold alone.
+    assert compress_job(monkeypatch, "--budget", "0")[1].options.budget is None
+    assert compress_job(monkeypatch, "--threshold", "fc1=0.9")[1].options.budget is None
+
+
 def test_a_failed_gate_exits_with_1_and_says_the_model_is_written(monkeypatch, capsys):
     failed = GateResult("dev", 3, 4.0, 9.5, 3.0, 8.0, 5.5, 1.0, False)
     code, _ = compress_job(monkeypatch, "--gate", "g.jsonl", gate=failed)
