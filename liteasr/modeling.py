@@ -243,11 +243,19 @@ def quantize_int8(
 
 
 def _as_linears(module: LowRankLinear) -> nn.Sequential:
-    """The same map as two nn.Linear, which dynamic quantization knows: x W1 W2 + b."""
+    """The same map as two nn.Linear, which dynamic quantization knows: x W1 W2 + b.
+
+    The rank-k intermediate holds the outputs' principal coordinates, whose scales fall by orders of magnitude
+    from the first to the last; one int8 scale per call for all of them rounds the small ones away. Each
+    coordinate j is rescaled by s_j = sqrt(|W1[:, j]| / |W2[j, :]|) (x W1 S^-1 . S W2, the same map), which
+    evens out the intermediate's scales.
+    """
+    weight1, weight2 = module.weight1.detach(), module.weight2.detach()
+    scale = (weight1.norm(dim=0) / weight2.norm(dim=1).clamp(min=1e-12)).sqrt().clamp(min=1e-12)
     first = nn.Linear(module.in_features, module.rank, bias=False)
     second = nn.Linear(module.rank, module.out_features)
-    first.weight = nn.Parameter(module.weight1.detach().T.contiguous())
-    second.weight = nn.Parameter(module.weight2.detach().T.contiguous())
+    first.weight = nn.Parameter((weight1 / scale).T.contiguous())
+    second.weight = nn.Parameter((weight2 * scale[:, None]).T.contiguous())
     second.bias = nn.Parameter(module.bias.detach().clone())
     return nn.Sequential(first, second)
 
