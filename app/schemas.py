@@ -458,7 +458,7 @@ class CompressJobRequest(_Strict):
         gt=0,
         lt=1,
         description="Fraction of the encoder's parameters to keep, every map's rank chosen together; null: "
-        "thresholds. Left out with a threshold given: null.",
+        "thresholds. A threshold given replaces it.",
     )
     heal_steps: int = Field(
         _OPTIONS["heal_steps"], ge=0, le=100_000, description="Steps of healing after factorization; 0: none."
@@ -477,8 +477,6 @@ class CompressJobRequest(_Strict):
     def compress_options(self) -> dict[str, Any]:
         """`CompressOptions` arguments (plain data: the job process gets them pickled)."""
         budget = self.budget
-        if self.threshold is not None and "budget" not in self.model_fields_set:
-            budget = None
         return {
             "method": self.method,
             "thresholds": None if self.threshold is None else parse_thresholds(self.threshold),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Imported up front, unlike the rest: `compress`'s defaults and choices are the library's, read when parsing.
 from liteasr.compress import METHODS, CompressionReport, CompressOptions, parse_thresholds
-from liteasr.errors import LiteASRError
+from liteasr.errors import CompressionError, LiteASRError
 from liteasr.pipeline import CompressJob, GateSpec, field_defaults, run_compress_job
 
 __all__ = ["main"]
@@ -115,14 +115,13 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _compress_job(args: argparse.Namespace) -> CompressJob:
     """The job `liteasr compress` runs; options not on the command line keep CompressOptions' defaults."""
-    defaults = field_defaults(CompressOptions)
-    budget = args.budget
-    if budget is None:  # not given: thresholds when --threshold asks for them, else the library's default
-        budget = None if args.threshold is not None else defaults["budget"]
+    if args.budget is not None and args.threshold is not None:
+        raise CompressionError("give --budget or --threshold, not both")
+    budget = field_defaults(CompressOptions)["budget"] if args.budget is None else args.budget or None
     options = CompressOptions(
         method=args.method,
         thresholds=None if args.threshold is None else parse_thresholds(args.threshold),
-        budget=budget or None,
+        budget=budget,
         budget_maps=tuple(name.strip() for name in args.budget_maps.split(",") if name.strip()),
         probe_windows=args.probe_windows,
         heal_steps=args.heal_steps,
@@ -215,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fraction of the encoder's parameters to keep, every map's rank chosen together from measured "
-        f"sensitivity (0: use thresholds instead; default {options['budget'] or 0}, or 0 with --threshold)",
+        f"sensitivity (0: thresholds instead; default {options['budget'] or 0}; --threshold replaces it)",
     )
     p.add_argument(
         "--budget-maps",

@@ -11,7 +11,12 @@ directions are those of silence. Counting only the frames that hold audio fixes 
 every calibration clip is short, positions past the first few seconds never carry speech, and base loses whatever
 a longer clip says there. The default ("mixed") counts the audio frames of every clip alone in its window and of
 the clips packed back to back into full windows, and down-weights the few frames with massive activations that
-packing creates at silences. Attention stays dense: per parameter saved it costs far more accuracy than fc1/fc2.
+packing creates at silences.
+
+Which ranks: by default a global budget (liteasr.budget) keeps a fraction of the encoder's parameters and gives
+every map, attention included, the rank that costs the encoder's output least, from one measured truncation per
+map; thresholds per map family are the alternative. Then healing (liteasr.healing) trains the factors briefly
+towards the original encoder's outputs, which recovers most of what truncation lost on voices it never heard.
 docs/compression.md has the measurements.
 """
 
@@ -140,21 +145,22 @@ class CompressOptions:
     # None: every frame counts fully. Method "reference" ignores it, as the paper has no such step.
     outlier_factor: float | None = 4.0
     low_rank_attention: bool = False  # set config.low_rank_attention (liteasr.attention)
-    # Fraction of the encoder's parameters to keep. Set, it chooses the rank of every map in `budget_maps` together
-    # from measured sensitivity (liteasr.budget) instead of thresholds; None: thresholds.
-    budget: float | None = None
+    # Fraction of the encoder's parameters to keep: the rank of every map in `budget_maps` is chosen together from
+    # measured sensitivity (liteasr.budget). Used when `thresholds` is None; given thresholds replace it.
+    # None: the method's thresholds.
+    budget: float | None = 0.75
     budget_maps: tuple[str, ...] = LOW_RANK_MAPS  # the maps a budget may factorize
     probe_windows: int = 8  # calibration windows the budget measures sensitivity on (half alone, half packed)
-    heal_steps: int = 0  # batches of healing (liteasr.healing) after factorization; 0: none
+    heal_steps: int = 100  # batches of healing (liteasr.healing) after factorization; 0: none
     heal_learning_rate: float = 3e-4
     heal_batch_size: int = 4  # 30 s windows per healing step
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise CompressionError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.thresholds is not None:
+            object.__setattr__(self, "budget", None)
         if self.budget is not None:
-            if self.thresholds is not None:
-                raise CompressionError("give a budget or thresholds, not both")
             if not 0.0 < self.budget < 1.0:
                 raise CompressionError(
                     f"the budget is the fraction of parameters to keep, in (0, 1); got {self.budget}"
@@ -173,20 +179,8 @@ class CompressOptions:
             raise CompressionError(
                 "probe_windows and heal_batch_size must be positive, heal_steps >= 0, heal_learning_rate > 0"
             )
-        if self.budget is not None:
-            thresholds = {}
-        else:
-            thresholds = dict(DEFAULT_THRESHOLDS[self.method] if self.thresholds is None else self.thresholds)
-        if unknown := sorted(set(thresholds) - set(LOW_RANK_MAPS)):
-            raise CompressionError(
-                f"thresholds name unknown maps {unknown}; expected names among {LOW_RANK_MAPS}"
-            )
-        for name, value in thresholds.items():
-            if not 0.0 < value <= 1.0:
-                raise CompressionError(f"the threshold of {name} must be in (0, 1], got {value}")
-        # A private copy in map order, so the options cannot change behind the caller's back.
-        ordered = {name: float(thresholds[name]) for name in LOW_RANK_MAPS if name in thresholds}
-        object.__setattr__(self, "thresholds", ordered)
+        if self.budget is None:  # with a budget, thresholds stay None, so that `replace` keeps the budget
+            self._fill_thresholds()
         if self.max_clips is not None and self.max_clips < 1:
             raise CompressionError(f"max_clips must be positive or None, got {self.max_clips}")
         if (
@@ -201,14 +195,27 @@ class CompressOptions:
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise CompressionError(f"dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
 
+    def _fill_thresholds(self) -> None:
+        thresholds = dict(DEFAULT_THRESHOLDS[self.method] if self.thresholds is None else self.thresholds)
+        if unknown := sorted(set(thresholds) - set(LOW_RANK_MAPS)):
+            raise CompressionError(
+                f"thresholds name unknown maps {unknown}; expected names among {LOW_RANK_MAPS}"
+            )
+        for name, value in thresholds.items():
+            if not 0.0 < value <= 1.0:
+                raise CompressionError(f"the threshold of {name} must be in (0, 1], got {value}")
+        # A private copy in map order, so the options cannot change behind the caller's back.
+        ordered = {name: float(thresholds[name]) for name in LOW_RANK_MAPS if name in thresholds}
+        object.__setattr__(self, "thresholds", ordered)
+
     def threshold(self, name: str) -> float:
         """The energy to keep in map `name`; 1.0 means dense."""
-        return self.thresholds.get(name, 1.0)
+        return 1.0 if self.thresholds is None else self.thresholds.get(name, 1.0)
 
     @property
     def factorized_maps(self) -> tuple[str, ...]:
         """The maps whose statistics count: those a budget may factorize, or those with a threshold below 1."""
-        if self.budget is not None:
+        if self.budget is not None or self.thresholds is None:
             return self.budget_maps
         return tuple(name for name, value in self.thresholds.items() if value < 1.0)
 

@@ -1,5 +1,6 @@
-"""The global rank budget and healing: allocation, the budget kept, sensitivity, determinism, bounded memory, and
-healing that lowers the output error on clips it did not train on (the real tiny.en)."""
+"""The global rank budget and healing: allocation, the budget kept, sensitivity, determinism, bounded memory.
+Healing's effect on clips it did not train on is a slow test in test_compress (it needs the default's 100 steps:
+40 steps on 8 clips left the error where it was, 0.0276 -> 0.0287)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from liteasr.budget import RankChoice, allocate, rank_choices, tail_shares
 from liteasr.compress import CompressOptions, compress, compress_checkpoint
 from liteasr.errors import CompressionError
-from liteasr.healing import relative_output_error
-from liteasr.manifest import read_manifest
-from liteasr.modeling import LowRankLinear, encoder_parameters, load_model
+from liteasr.modeling import encoder_parameters
 
 MANIFEST = Path(__file__).resolve().parents[1] / "data" / "speech" / "manifest.jsonl"
 SR = 16000
@@ -94,7 +93,6 @@ def test_tail_shares_count_what_the_first_k_directions_leave_out():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"budget": 0.5, "thresholds": {"fc1": 0.9}},
         {"budget": 1.0},
         {"budget": 0.0},
         {"budget": 0.5, "budget_maps": ("fc3",)},
@@ -108,12 +106,17 @@ def test_bad_budget_and_healing_options_are_compression_errors(kwargs):
         CompressOptions(**kwargs)
 
 
+def test_thresholds_given_replace_the_budget():
+    options = CompressOptions(budget=0.5, thresholds={"fc1": 0.9})
+    assert options.budget is None and options.factorized_maps == ("fc1",)
+
+
 # -- the budget in compress -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("budget", [0.6, 0.8])
 def test_the_budget_is_honoured_within_two_percent(whisper, extractor, budget):
-    options = CompressOptions(budget=budget, rank_multiple=4, max_clips=None, probe_windows=2)
+    options = CompressOptions(budget=budget, rank_multiple=4, max_clips=None, probe_windows=2, heal_steps=0)
     calls = []
     lite, report = compress(
         whisper, noise_clips(3), options, feature_extractor=extractor, progress=lambda *a: calls.append(a[0])
@@ -199,42 +202,3 @@ def test_healing_memory_does_not_grow_with_the_number_of_clips(whisper, extracto
         gc.collect()
     # One batch of features is 2 x 80 x 300 float32 = 192 kB; 8 clips' windows held at once would add 1.7 MB.
     assert live[8] <= live[2] * 1.05 + 100_000, live
-
-
-@pytest.mark.real
-def test_healing_lowers_the_output_error_on_clips_it_did_not_train_on(tiny_en_dir):
-    """tiny.en at 75% of its encoder parameters, healed briefly on 8 calibration clips; the error is measured on
-    dev clips of other voices (not the calibration voice, not the training clips)."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    base = load_model(tiny_en_dir)
-    extractor = WhisperFeatureExtractor.from_pretrained(tiny_en_dir)
-    calibration = read_manifest(MANIFEST, split="calib")
-    common = {"budget": 0.75, "max_clips": 8, "probe_windows": 2}
-    plain, _ = compress(base, calibration, CompressOptions(**common), feature_extractor=extractor)
-    healed, report = compress(
-        base,
-        calibration,
-        CompressOptions(**common, heal_steps=12, heal_batch_size=2, heal_learning_rate=1e-3),
-        feature_extractor=extractor,
-    )
-    assert report.healed_output_error < report.output_error
-    others = [c for c in read_manifest(MANIFEST, split="dev") if c.speaker != "allison_smith"][:4]
-    from liteasr.audio import load_audio
-
-    audios = [load_audio(c.audio) for c in others]
-    features = extractor(audios, sampling_rate=SR, return_tensors="pt").input_features
-    frames = torch.zeros(len(audios), 1500, dtype=torch.bool)
-    for row, audio in enumerate(audios):
-        frames[row, : len(audio) // 320 + 2] = True
-    with torch.inference_mode():
-        target = base.model.encoder(features).last_hidden_state
-        errors = {
-            name: float(
-                relative_output_error(model.model.encoder(features).last_hidden_state, target, frames)
-            )
-            for name, model in (("plain", plain), ("healed", healed))
-        }
-    assert errors["healed"] < 0.95 * errors["plain"], errors
-    assert all(isinstance(m, LowRankLinear) or not hasattr(m, "weight1") for m in healed.modules())
-    del base, plain, healed
-    gc.collect()

@@ -43,7 +43,14 @@ def test_eval_writes_table_json_and_plot(tiny_en_dir, tmp_path, capsys):
 @pytest.mark.real
 def test_compress_exits_with_1_when_its_gate_fails_and_keeps_the_model(tiny_en_dir, tmp_path, capsys):
     out = tmp_path / "lite"
-    ruined = ["--max-clips", "4", "--threshold", "fc1=0.5,fc2=0.5"]  # WER 100% on these clips
+    ruined = [
+        "--max-clips",
+        "4",
+        "--threshold",
+        "fc1=0.5,fc2=0.5",
+        "--heal-steps",
+        "0",
+    ]  # WER 100% on these clips
     gate = ["--gate", str(MANIFEST), "--gate-max-clips", "3", "--max-wer-increase", "0"]
     assert main(["compress", str(tiny_en_dir), str(out), "--calibration", str(MANIFEST), *ruined, *gate]) == 1
     printed = capsys.readouterr()
@@ -115,6 +122,22 @@ def test_budget_and_healing_options_reach_the_job(monkeypatch):
     # --budget 0 asks for thresholds; so does --threshold alone.
     assert compress_job(monkeypatch, "--budget", "0")[1].options.budget is None
     assert compress_job(monkeypatch, "--threshold", "fc1=0.9")[1].options.budget is None
+
+
+def test_a_budget_and_a_threshold_together_are_refused(capsys):
+    argv = [
+        "compress",
+        "base",
+        "out",
+        "--calibration",
+        "m.jsonl",
+        "--budget",
+        "0.7",
+        "--threshold",
+        "fc1=0.9",
+    ]
+    assert main(argv) == 1
+    assert "not both" in capsys.readouterr().err
 
 
 def test_a_failed_gate_exits_with_1_and_says_the_model_is_written(monkeypatch, capsys):
