@@ -7,7 +7,7 @@ DEFAULT_BASE := models/whisper-base
 DEFAULT_MODEL := models/lite-whisper-base
 CALIBRATION := data/speech/manifest.jsonl
 
-.PHONY: setup run test image-test lint format bench default-model clean-models
+.PHONY: setup run test test-slow image-test lint format bench default-model clean-models
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ run: default-model
 	LITEASR_MODEL=$${LITEASR_MODEL:-$(DEFAULT_MODEL)} MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(PY) -m app
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Tests that take minutes each: tiny.en compressed with the default settings (healing included), judged on data/voices.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The CPU image and the compose stack, built and run for real (tests/image; as root, minutes of CPU). DOCKER: a
 # client that builds with BuildKit (Debian's docker.io has it built in; a newer docker needs the buildx plugin).
