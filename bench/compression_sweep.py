@@ -66,6 +66,7 @@ SETTINGS = {
     "base": (
         Setting("reference", "reference, 0.99:0.999 (paper default)", "reference", "0.99:0.999"),
         Setting("mixed", "thresholds: fc1 0.99, fc2 0.95 (the default before budgets)"),
+        Setting("budget-75-heal", "**default**: budget 0.75, healed 100 steps", budget=0.75, heal_steps=100),
         Setting("budget-70", "budget 0.70, no healing", budget=0.70),
         Setting("budget-70-heal", "budget 0.70, healed 100 steps", budget=0.70, heal_steps=100),
     ),
