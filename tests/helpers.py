@@ -95,3 +95,14 @@ def live_tensor_bytes() -> int:
         and not issubclass(type(obj), torch.nn.Parameter)
         and obj.device.type == "cpu"
     )
+
+
+WINDOW_FRAMES = 150  # encoder frames of the compression tests' 3 s window (conftest's `whisper`)
+
+
+def noise_clips(count: int, seconds: float = 1.5, seed: int = 0):
+    """Seeded noise clips (16 kHz float32) for calibration on the tiny random model."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(count)]

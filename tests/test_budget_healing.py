@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import live_tensor_bytes
+from helpers import live_tensor_bytes, noise_clips
 from safetensors.torch import load_file
-from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from liteasr.budget import RankChoice, allocate, rank_choices, tail_shares
 from liteasr.compress import CompressOptions, compress, compress_checkpoint
@@ -22,25 +21,6 @@ from liteasr.modeling import encoder_parameters
 
 MANIFEST = Path(__file__).resolve().parents[1] / "data" / "speech" / "manifest.jsonl"
 SR = 16000
-WINDOW_FRAMES = 150
-
-
-@pytest.fixture
-def whisper(tiny_whisper_config) -> WhisperForConditionalGeneration:
-    """The tiny random Whisper on 3 s windows, as in test_compress."""
-    tiny_whisper_config.max_source_positions = WINDOW_FRAMES
-    torch.manual_seed(0)
-    return WhisperForConditionalGeneration(tiny_whisper_config).eval()
-
-
-@pytest.fixture
-def extractor() -> WhisperFeatureExtractor:
-    return WhisperFeatureExtractor(feature_size=80, chunk_length=3)
-
-
-def noise_clips(count: int, seconds: float = 1.5, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [(0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32) for _ in range(count)]
 
 
 # -- allocation ---------------------------------------------------------------------------------------------------

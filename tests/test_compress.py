@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import live_tensor_bytes
+from helpers import WINDOW_FRAMES, live_tensor_bytes, noise_clips
 from safetensors.torch import load_file
-from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers import WhisperFeatureExtractor
 
 from liteasr.audio import load_audio
 from liteasr.cli import main
@@ -44,20 +44,6 @@ from liteasr.pipeline import CompressJob, GateResult, GateSpec, run_compress_job
 MANIFEST = Path(__file__).resolve().parents[1] / "data" / "speech" / "manifest.jsonl"
 VOICES = Path(__file__).resolve().parents[1] / "data" / "voices" / "manifest.jsonl"
 SR = 16000
-WINDOW_FRAMES = 150  # encoder frames of the test model's 3 s window
-
-
-@pytest.fixture
-def whisper(tiny_whisper_config) -> WhisperForConditionalGeneration:
-    """The tiny random Whisper on 3 s windows (150 encoder frames) instead of 30 s: ten times faster."""
-    tiny_whisper_config.max_source_positions = WINDOW_FRAMES
-    torch.manual_seed(0)
-    return WhisperForConditionalGeneration(tiny_whisper_config).eval()
-
-
-@pytest.fixture
-def extractor() -> WhisperFeatureExtractor:
-    return WhisperFeatureExtractor(feature_size=80, chunk_length=3)
 
 
 @pytest.fixture
@@ -66,11 +52,6 @@ def random_dir(whisper, extractor, tmp_path):
     whisper.save_pretrained(path)
     extractor.save_pretrained(path)
     return path
-
-
-def noise_clips(count: int, seconds: float = 1.5, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [(0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32) for _ in range(count)]
 
 
 # -- statistics and PCA -----------------------------------------------------------------------------------------
