@@ -33,6 +33,7 @@ __all__ = [
     "PypiSource",
     "import_checkpoint",
     "local_model_dir",
+    "locate_pypi_file",
     "resolve_model_dir",
 ]
 
@@ -189,7 +190,8 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _locate(source: PypiSource, relative: str) -> Path:
+def locate_pypi_file(source: PypiSource, relative: str) -> Path:
+    """The installed file or folder `relative` (package name first) of `source`."""
     module, _, rest = relative.partition("/")
     package = _package_dir(module)
     if package is None:
@@ -220,8 +222,8 @@ def _import_pypi(name: str, build: Path) -> None:
     modules = {part.partition("/")[0] for part in (*source.model_parts, source.files)}
     if any(_package_dir(module) is None for module in modules):
         _install(source.distributions)
-    parts = [_locate(source, part) for part in source.model_parts]
-    _import_ct2(parts, _locate(source, source.files), build)
+    parts = [locate_pypi_file(source, part) for part in source.model_parts]
+    _import_ct2(parts, locate_pypi_file(source, source.files), build)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
