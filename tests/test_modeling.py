@@ -31,6 +31,7 @@ from liteasr.modeling import (
     LowRankLinear,
     encoder_parameters,
     factorize_linear,
+    fuse_linears,
     load_model,
     quantize_int8,
 )
@@ -387,6 +388,31 @@ def test_int8_quantization_of_the_decoder_leaves_the_encoder_in_float(lite, feat
     assert isinstance(quantized.proj_out, torch.ao.nn.quantized.dynamic.Linear)
     similarity = F.cosine_similarity(logits(quantized, features).flatten(), reference.flatten(), dim=0)
     assert similarity > 0.99, similarity
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_linears_give_each_map_s_output_exactly(lite, int8):
+    """The decode step's fused q/k/v (k has no bias): the same numbers as the three maps, float or int8."""
+    model = quantize_int8(copy.deepcopy(lite)) if int8 else copy.deepcopy(lite)
+    attention = model.model.decoder.layers[0].self_attn
+    maps = [attention.q_proj, attention.k_proj, attention.v_proj]
+    x = torch.randn(3, 5, maps[0].in_features)
+    with torch.no_grad():
+        separate = torch.cat([m(x) for m in maps], dim=-1)
+        fused = fuse_linears(maps)
+        assert torch.equal(fused(x), separate)
+        assert torch.equal(torch.cat([m(x) for m in maps], dim=-1), separate)  # the maps still work alone
+    if not int8:  # the float maps became views of the fused weight: no second copy
+        assert (
+            attention.k_proj.weight.data_ptr()
+            == fused.weight.data_ptr() + attention.q_proj.weight.numel() * 4
+        )
+
+
+def test_fusing_float_and_int8_maps_is_refused(lite):
+    decoder = quantize_int8(copy.deepcopy(lite)).model.decoder
+    with pytest.raises(TypeError, match="cannot fuse"):
+        fuse_linears([lite.model.decoder.layers[0].self_attn.q_proj, decoder.layers[0].self_attn.k_proj])
 
 
 def test_int8_quantization_is_for_the_cpu(lite):
