@@ -5,7 +5,8 @@ encoder output when the window is admitted, and its self-attention keys and valu
 A decode step runs the decoder layers of the transformers Whisper model (their own modules, so int8-quantized linear
 maps work unchanged) over rows `0..n-1`: active rows are kept contiguous at the front, so a step reads the buffers
 as views and never copies encoder states. A row that leaves frees its slot by having the last row moved into it
-(`move`), a copy of one row paid once instead of a gather paid at every step.
+(`move`), a copy of one row paid once instead of a gather paid at every step. Each layer's self-attention q/k/v
+run as one fused linear map (`modeling.fuse_linears`): at a few rows a call costs more than its arithmetic.
 
 Rows attend over the positions written so far (`0..end`, a boolean mask hides each row's unwritten tail), so rows of
 different lengths share a step. On CUDA the one-token step over the first `n` rows is captured as a CUDA graph per
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from liteasr.modeling import fuse_linears
+
 __all__ = ["CudaGraphSteps", "DecoderSlots"]
 
 
@@ -30,10 +33,14 @@ class DecoderSlots:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         decoder = model.model.decoder
         config = model.config
-        parameter = next(model.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
+        embedding = decoder.embed_tokens.weight  # the decoder's own dtype (the encoder's may differ)
+        self.device, self.dtype = embedding.device, embedding.dtype
         self.decoder = decoder
         self.proj_out = model.proj_out
+        self.self_qkv = [
+            fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            for layer in decoder.layers
+        ]
         self.capacity = capacity
         self.heads = config.decoder_attention_heads
         self.head_dim = config.d_model // self.heads
@@ -118,14 +125,11 @@ class DecoderSlots:
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
             x = layer.self_attn_layer_norm(hidden)
-            q = (attention.q_proj(x) * attention.scaling).view(n, length, heads, head_dim).transpose(1, 2)
+            q, k, v = self.self_qkv[index](x).view(n, length, 3, heads, head_dim).unbind(2)
+            q = (q * attention.scaling).transpose(1, 2)
             # Advanced indices around a slice put their dimensions first: the value is [n, T, heads, head_dim].
-            self.self_k[index][slot_index[:, None], :, positions] = attention.k_proj(x).view(
-                n, length, heads, head_dim
-            )
-            self.self_v[index][slot_index[:, None], :, positions] = attention.v_proj(x).view(
-                n, length, heads, head_dim
-            )
+            self.self_k[index][slot_index[:, None], :, positions] = k
+            self.self_v[index][slot_index[:, None], :, positions] = v
             keys = self.self_k[index][rows, :, :span]
             values = self.self_v[index][rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=1.0)
