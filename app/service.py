@@ -113,10 +113,11 @@ class Service:
         self.status = "ready"
         info = engine.info
         logger.info(
-            "serving %s on %s (%s), loaded and warmed in %.1f s",
+            "serving %s on %s (%s%s), loaded and warmed in %.1f s",
             info.name,
             info.device,
             info.quantization or info.dtype,
+            f", encoder {info.encoder_dtype}" if info.encoder_dtype else "",
             seconds,
         )
 
@@ -125,11 +126,13 @@ class Service:
         engine = self._given_engine
         if engine is None or source != self.settings.model:
             device, _ = resolve_device(self.settings.device)
+            int8 = self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None
             engine = Engine.load(
                 source,
                 device=str(device),
                 cache_dir=self.settings.cache_dir,
-                int8=self.settings.int8 if self.settings.int8 != "off" and device.type == "cpu" else None,
+                int8=int8,
+                bf16=self.settings.bf16 if device.type == "cpu" and int8 != "all" else None,
                 name=name,
             )
         scheduler = engine.scheduler(max_rows=self.settings.max_batch_size)
@@ -146,6 +149,7 @@ class Service:
                 "model": info.name,
                 "device": info.device,
                 "dtype": info.dtype,
+                "encoder_dtype": info.encoder_dtype or info.dtype,
                 "quantization": info.quantization or "none",
                 "encoder_parameters": str(info.encoder_parameters),
                 "multilingual": str(info.multilingual).lower(),

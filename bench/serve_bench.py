@@ -63,12 +63,12 @@ def on_engine_thread(fn, *args, **kwargs):
     return _ENGINE_THREAD.submit(fn, *args, **kwargs).result()
 
 
-def load_engine(model_dir: Path, int8: str | None = None, device: str = "cpu"):
+def load_engine(model_dir: Path, int8: str | None = None, device: str = "cpu", bf16: str | None = None):
     """Engine.load and warm-up on a throwaway thread, as the service's lifespan does."""
     from liteasr.engine import Engine
 
     def load():
-        engine = Engine.load(model_dir, device=device, int8=int8)
+        engine = Engine.load(model_dir, device=device, int8=int8, bf16=bf16)
         engine.warmup()
         return engine
 
@@ -484,8 +484,10 @@ def render(report: dict, levels: list[Level], direct: list, steps: dict, by_id: 
         f"{report['requests']} requests per concurrency level (the clips in turn).",
         f"- Model: {report['model']} (transformers fp32 for the service and `generate`), against faster-whisper "
         f"on Whisper {report['family']['name']}'s CTranslate2 file from `{report['family']['package']}`. Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}` "
-        f"decoder rows (continuous batching). Rows ending in int8: `LITEASR_INT8={report['int8']}` "
-        "(those linear maps in int8, per output channel, dynamic quantization). `mean rows` is rows per decode "
+        f"decoder rows (continuous batching). Rows naming int8: `LITEASR_INT8={report['int8']}` "
+        "(those linear maps in int8, per output channel, dynamic quantization) and "
+        f"`LITEASR_BF16={report.get('bf16', 'off')}` (bf16 encoder: the encoder in bfloat16); the others "
+        "`LITEASR_INT8=off`, `LITEASR_BF16=off` (float32 throughout). `mean rows` is rows per decode "
         "step (`liteasr_decode_step_rows`).",
         "",
         "| configuration | concurrency | throughput (audio s / s) | p50 latency (s) | p95 latency (s) "
@@ -619,6 +621,12 @@ def main() -> None:
         help="also the service with LITEASR_INT8=this (batch 1 and batched)",
     )
     parser.add_argument(
+        "--bf16",
+        choices=["auto", "off", "encoder"],
+        default="off",
+        help="LITEASR_BF16 of the --int8 runs (the float32 ones run without it, paired with the direct call)",
+    )
+    parser.add_argument(
         "--family",
         choices=list(FAMILIES),
         default="tiny.en",
@@ -658,8 +666,15 @@ def main() -> None:
     print("decoder steps", flush=True)
     longest = max(clips, key=lambda c: c.seconds)
     steps = {"float32": on_engine_thread(decoder_steps, engine, longest)}
+    fast = ""  # the --int8 runs' label
     if args.int8:
-        steps[f"int8 {args.int8}"] = on_engine_thread(decoder_steps, load_engine(hf_dir, args.int8), longest)
+        import torch
+
+        from liteasr.engine import resolve_bf16
+
+        bf16 = resolve_bf16(args.bf16, torch.device(args.device), args.int8)
+        fast = f"int8 {args.int8}" + (f", bf16 {bf16}" if bf16 else "")
+        steps[fast] = on_engine_thread(decoder_steps, load_engine(hf_dir, args.int8, bf16=bf16), longest)
     print(json.dumps(steps, indent=1), flush=True)
 
     common = {
@@ -671,13 +686,15 @@ def main() -> None:
         "LITEASR_LOG_LEVEL": "warning",
     }
     unbatched, batched = "service, batch 1", f"service, batch {args.batch_size}"
-    one = {"LITEASR_MAX_BATCH_SIZE": "1", "LITEASR_INT8": "off"}
-    many = {"LITEASR_MAX_BATCH_SIZE": str(args.batch_size), "LITEASR_INT8": "off"}
+    float32 = {"LITEASR_INT8": "off", "LITEASR_BF16": "off"}
+    one = {"LITEASR_MAX_BATCH_SIZE": "1", **float32}
+    many = {"LITEASR_MAX_BATCH_SIZE": str(args.batch_size), **float32}
     configs = [(unbatched, {**common, **one}), (batched, {**common, **many})]
     if args.int8:  # compared with faster-whisper int8; not paired with the (float) direct call
+        faster = {"LITEASR_INT8": args.int8, "LITEASR_BF16": args.bf16}
         configs += [
-            (f"{unbatched} int8", {**common, **one, "LITEASR_INT8": args.int8}),
-            (f"{batched} int8", {**common, **many, "LITEASR_INT8": args.int8}),
+            (f"{unbatched} {fast}", {**common, **one, **faster}),
+            (f"{batched} {fast}", {**common, **many, **faster}),
         ]
     levels: list[Level] = []
     direct: list[tuple[str, str, float, float, float]] = []
@@ -711,6 +728,7 @@ def main() -> None:
         "family": asdict(family),
         "batch_size": args.batch_size,
         "int8": args.int8,
+        "bf16": args.bf16,
         "clips": [{"id": c.id, "seconds": c.seconds} for c in clips],
         "direct_p50": pct(direct_s, 50),
         "direct_p95": pct(direct_s, 95),

@@ -29,7 +29,11 @@ def _transcribe(args: argparse.Namespace) -> None:
     from liteasr.vad import VadOptions
 
     engine = Engine.load(
-        args.model, device=args.device, guard=LoopGuard(enabled=not args.no_loop_guard), int8=args.int8
+        args.model,
+        device=args.device,
+        guard=LoopGuard(enabled=not args.no_loop_guard),
+        int8=args.int8,
+        bf16=args.bf16,
     )
     options = DecodeOptions(
         language=args.language,
@@ -60,7 +64,9 @@ def _eval(args: argparse.Namespace) -> None:
         args.models,
         clips,
         Path(args.out),
-        engine_factory=lambda source: Engine.load(source, device=args.device, guard=guard, int8=args.int8),
+        engine_factory=lambda source: Engine.load(
+            source, device=args.device, guard=guard, int8=args.int8, bf16=args.bf16
+        ),
         batch_size=args.batch_size,
     )
     print(report.markdown)
@@ -322,6 +328,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         const="decoder",
         choices=["decoder", "all"],
         help="int8 dynamic quantization, CPU only: the decoder (default) or all linear maps",
+    )
+    p.add_argument(
+        "--bf16",
+        choices=["auto", "off", "encoder"],
+        default="off",
+        help="the encoder in bfloat16 on the CPU: always (encoder), where the CPU has native bfloat16 products "
+        "(auto, the service's default) or never (default %(default)s)",
     )
 
 

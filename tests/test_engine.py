@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from liteasr.audio import SAMPLE_RATE, Window, load_audio, split_windows
 from liteasr.decoding import DecodeOptions, LoopGuard, Segment, WindowResult, find_repetition, stitch
-from liteasr.engine import Engine
+from liteasr.engine import Engine, resolve_bf16
 from liteasr.errors import InvalidOptionError
 from liteasr.evaluate import normalize_text, wer_scores
 
@@ -91,6 +92,31 @@ def test_int8_engine_transcribes_jfk(tiny_en_dir, clip_path):
     assert int8.info.quantization == "int8-decoder" and int8.info.encoder_parameters == 7_632_384
     [result] = int8.transcribe([load_audio(clip_path("jfk"))])
     assert normalize_text(result.text) == normalize_text(JFK)
+
+
+@pytest.mark.real
+def test_bf16_encoder_engine_transcribes_jfk(tiny_en_dir, clip_path):
+    engine = Engine.load(tiny_en_dir, device="cpu", int8="decoder", bf16="encoder")
+    assert engine.info.encoder_dtype == "bfloat16" and engine.info.dtype == "float32"
+    assert engine.encode([np.zeros(SAMPLE_RATE, dtype=np.float32)]).dtype == torch.float32  # for the decoder
+    [result] = engine.transcribe([load_audio(clip_path("jfk"))])
+    assert normalize_text(result.text) == normalize_text(JFK)
+
+
+def test_bf16_auto_means_the_encoder_where_the_cpu_has_amx(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert resolve_bf16("auto", cpu, "decoder") == ("encoder" if amx else None)
+        assert resolve_bf16("auto", cpu, "all") is None  # int8 covers the encoder
+        assert resolve_bf16("auto", cuda, None) is None  # float16 throughout
+    assert resolve_bf16("encoder", cpu, None) == "encoder"
+    assert resolve_bf16("off", cpu, None) is None and resolve_bf16(None, cpu, None) is None
+    for device, int8 in ((cuda, None), (cpu, "all")):
+        with pytest.raises(InvalidOptionError, match="bfloat16 encoder runs on the CPU"):
+            resolve_bf16("encoder", device, int8)
+    with pytest.raises(InvalidOptionError, match="expected auto, off or encoder"):
+        resolve_bf16("decoder", cpu, None)
 
 
 @pytest.mark.real

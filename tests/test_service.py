@@ -18,6 +18,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+import torch
 from helpers import JFK, assert_error_shape, scrape, value, wait_until, words
 from server import RunningServer, serve
 
@@ -232,6 +233,8 @@ def test_metrics_appear_and_move(client, jfk_file, tiny_en_dir):
     assert info["quantization"] == (
         "int8-decoder" if info["device"] == "cpu" else "none"
     )  # LITEASR_INT8 default
+    amx = info["device"] == "cpu" and torch.cpu._is_amx_tile_supported()
+    assert info["encoder_dtype"] == ("bfloat16" if amx else info["dtype"])  # LITEASR_BF16=auto
     assert int(info["encoder_parameters"]) > 1_000_000
     reasons = {dict(labels)["reason"] for name, labels in after if name == "liteasr_requests_rejected_total"}
     assert {
