@@ -248,25 +248,19 @@ def fuse_linears(maps: Sequence[nn.Module]) -> nn.Module:
     """One linear map computing all of `maps` (same input) at once: their outputs side by side, in order.
 
     For a decode step at batch 1, a call costs more than its arithmetic (an int8 map also quantizes its input per
-    call), so fusing a layer's q/k/v saves two calls of three. The results equal the separate maps': float32 maps
+    call), so fusing a layer's q/k/v saves two calls of three. The results equal the separate maps': float maps
     compute the same dot products; int8 maps keep their per-channel weights and would quantize the shared input
-    with the same scale. Float maps keep their weights as views of the fused one (no copy); int8 ones are copied.
+    with the same scale. The weights are copied (the maps stay as they are): for a decoder's q/k/v that is 7 MB
+    on tiny, 19 MB on base in float32.
     """
     if all(type(m) is nn.Linear for m in maps):
-        first = maps[0]
+        first = maps[0].weight
         fused = nn.Linear(
-            first.in_features,
-            sum(m.out_features for m in maps),
-            device=first.weight.device,
-            dtype=first.weight.dtype,
+            maps[0].in_features, sum(m.out_features for m in maps), device=first.device, dtype=first.dtype
         )
         with torch.no_grad():
             fused.weight.copy_(torch.cat([m.weight for m in maps]))
             fused.bias.copy_(torch.cat([_bias(m) for m in maps]))
-        start = 0
-        for m in maps:
-            m.weight = nn.Parameter(fused.weight[start : start + m.out_features], requires_grad=False)
-            start += m.out_features
         return fused.requires_grad_(False)
     if all(type(m) is _DynamicLinear for m in maps):
         weights = [m.weight() for m in maps]

@@ -78,6 +78,7 @@ def test_tail_shares_count_what_the_first_k_directions_leave_out():
         {"budget": 0.5, "budget_maps": ("fc3",)},
         {"heal_steps": -1},
         {"heal_learning_rate": 0.0},
+        {"heal_logit_weight": -0.1},
         {"probe_windows": 0},
     ],
 )
@@ -182,3 +183,60 @@ def test_healing_memory_does_not_grow_with_the_number_of_clips(whisper, extracto
         gc.collect()
     # One batch of features is 2 x 80 x 300 float32 = 192 kB; 8 clips' windows held at once would add 1.7 MB.
     assert live[8] <= live[2] * 1.05 + 100_000, live
+
+
+# -- healing's decoder-logit term -------------------------------------------------------------------------------
+
+
+def _with_generation_config(model, multilingual: bool):
+    """Whisper's generation settings scaled to the 128-token vocabulary (as tests/test_scheduler.py's)."""
+    from transformers import GenerationConfig
+
+    settings = {
+        "decoder_start_token_id": 3,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "no_timestamps_token_id": 100,
+        "begin_suppress_tokens": [4, 2],
+        "suppress_tokens": [5, 6],
+    }
+    if multilingual:
+        settings |= {"lang_to_id": {"<|en|>": 90, "<|de|>": 91}, "task_to_id": {"transcribe": 92}}
+    model.generation_config = GenerationConfig(**settings)
+    return model
+
+
+@pytest.mark.parametrize("multilingual", [False, True])
+def test_logit_distillation_is_zero_on_the_original_and_pulls_a_changed_encoder_back(whisper, multilingual):
+    from liteasr.healing import LogitDistillation
+
+    distillation = LogitDistillation(
+        _with_generation_config(whisper, multilingual), weight=0.5, max_tokens=12
+    )
+    torch.manual_seed(1)
+    encoded = torch.randn(3, whisper.config.max_source_positions, whisper.config.d_model)
+    inputs, counted, teacher = distillation.targets(encoded)
+    prompt = 4 if multilingual else 2  # start, (language, transcribe,) no timestamps
+    assert inputs.shape == (3, prompt + counted.shape[1] - 1) and counted[:, 0].all()
+    assert (inputs[:, 0] == 3).all() and (inputs[:, prompt - 1] == 100).all()
+    if multilingual:
+        assert set(inputs[:, 1].tolist()) <= {90, 91} and (inputs[:, 2] == 92).all()
+    assert teacher.shape == (int(counted.sum()), whisper.config.vocab_size)
+    assert torch.allclose(teacher.logsumexp(-1), torch.zeros(len(teacher)), atol=1e-5)
+    with torch.no_grad():
+        same = float(distillation.loss(encoded, inputs, counted, teacher))
+    moved = (3 * torch.randn_like(encoded)).requires_grad_(True)  # another encoder output altogether
+    loss = distillation.loss(moved, inputs, counted, teacher)
+    loss.backward()
+    assert abs(same) < 1e-6 < float(loss.detach()) and float(moved.grad.abs().sum()) > 0
+
+
+def test_healing_with_the_logit_term_runs_in_compress_and_leaves_the_base_as_it_was(whisper, extractor):
+    _with_generation_config(whisper, multilingual=False)
+    before = {name: tensor.clone() for name, tensor in whisper.state_dict().items()}
+    options = CompressOptions(
+        budget=0.7, rank_multiple=4, probe_windows=2, heal_steps=2, heal_batch_size=2, heal_logit_weight=0.1
+    )
+    _, report = compress(whisper, noise_clips(4), options, feature_extractor=extractor)
+    assert report.heal.steps == 2 and report.options["heal_logit_weight"] == 0.1
+    assert all(torch.equal(tensor, before[name]) for name, tensor in whisper.state_dict().items())

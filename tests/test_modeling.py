@@ -397,16 +397,13 @@ def test_fused_linears_give_each_map_s_output_exactly(lite, int8):
     attention = model.model.decoder.layers[0].self_attn
     maps = [attention.q_proj, attention.k_proj, attention.v_proj]
     x = torch.randn(3, 5, maps[0].in_features)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         separate = torch.cat([m(x) for m in maps], dim=-1)
         fused = fuse_linears(maps)
         assert torch.equal(fused(x), separate)
-        assert torch.equal(torch.cat([m(x) for m in maps], dim=-1), separate)  # the maps still work alone
-    if not int8:  # the float maps became views of the fused weight: no second copy
-        assert (
-            attention.k_proj.weight.data_ptr()
-            == fused.weight.data_ptr() + attention.q_proj.weight.numel() * 4
-        )
+    after = model.state_dict()  # the maps are left as they were
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_fusing_float_and_int8_maps_is_refused(lite):
