@@ -12,9 +12,9 @@ hold audio, relative to the output's variance there; with `LogitDistillation` it
 original model's own greedy transcript of each window, the KL divergence from its next-token distributions to those
 the (shared, frozen) decoder gives on the student's encoder output. Still no labels: the original transcribes. In
 an experiment script with the same loss, on tiny.en at 25% fewer parameters, that term (weight 0.1) took
-data/voices from 36.44 to 33.86 capped WER, the dense model's 33.87 (docs/compression.md). Windows are streamed from disk batch by batch, so memory depends on the batch
-size, not on the number of clips; the window order comes from the seed, so the same inputs give the same
-checkpoint.
+data/voices from 36.44 to 33.86 capped WER, the dense model's 33.87 (docs/compression.md). Windows are streamed from
+disk batch by batch, so memory depends on the batch size, not on the number of clips; the window order comes from
+the seed, so the same inputs give the same checkpoint.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ class LogitDistillation:
             self._slots = DecoderSlots(self.model, capacity=n)
         slots, rows = self._slots, slice(0, n)
         slots.write_cross(rows, encoded.to(slots.dtype))
-        at = lambda position: torch.full((n,), position, dtype=torch.long, device=device)  # noqa: E731
+
+        def at(position: int) -> torch.Tensor:  # every row's start position
+            return torch.full((n,), position, dtype=torch.long, device=device)
+
         prompt = torch.full((n, 1), self.start, device=device)
         rest = torch.tensor(self.after_language, device=device).expand(n, -1)
         if self.languages:  # the most likely language after the start token, as the engine detects it
@@ -98,9 +101,8 @@ class LogitDistillation:
         logits = slots.logits(hidden[:, -1])
         generated: list[list[int]] = [[] for _ in range(n)]
         log_probs, done = [], torch.zeros(n, dtype=torch.bool, device=device)
-        end = min(
-            prompt.shape[1] + self.max_tokens, slots.max_positions
-        )  # the decoder's positions bound it too
+        # The decoder's positions bound the transcript too.
+        end = min(prompt.shape[1] + self.max_tokens, slots.max_positions)
         for position in range(prompt.shape[1], end):
             scores = self.rules.apply(logits, [RowView(tokens, timestamps=False) for tokens in generated])
             log_probs.append(scores.log_softmax(-1))
@@ -126,9 +128,8 @@ class LogitDistillation:
             input_ids=inputs, encoder_hidden_states=student_output
         ).last_hidden_state
         text = hidden[:, inputs.shape[1] - counted.shape[1] :]  # the positions that predict the L text tokens
-        scores = (
-            self.model.proj_out(text).float() + self.rules.suppress
-        )  # the masks the original decoded with
+        # The masks the original decoded with: suppressed tokens, and at the first text position the begin ones.
+        scores = self.model.proj_out(text).float() + self.rules.suppress
         scores[:, 0] += self.rules.begin_suppress
         student = scores[counted].log_softmax(-1)
         kl = (teacher.exp() * (teacher - student)).nan_to_num(0.0, 0.0, 0.0)  # 0 where the original rules out

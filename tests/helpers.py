@@ -97,6 +97,31 @@ def live_tensor_bytes() -> int:
     )
 
 
+def random_generation_config(config, *, multilingual: bool = False):
+    """Whisper's generation settings scaled to the tiny random model's 128-token vocabulary: 2 end, 3 start,
+    100 <|notimestamps|>, 101-127 timestamps (and, multilingual, 90/91 English/German, 92/93 transcribe/translate)."""
+    from transformers import GenerationConfig
+
+    settings = {
+        "decoder_start_token_id": 3,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "bos_token_id": 2,
+        "no_timestamps_token_id": 100,
+        "begin_suppress_tokens": [4, 2],
+        "suppress_tokens": [5, 6],
+        "max_initial_timestamp_index": 5,
+        "max_length": config.max_target_positions,
+        "is_multilingual": multilingual,
+    }
+    if multilingual:
+        settings |= {
+            "lang_to_id": {"<|en|>": 90, "<|de|>": 91},
+            "task_to_id": {"transcribe": 92, "translate": 93},
+        }
+    return GenerationConfig(**settings)
+
+
 WINDOW_FRAMES = 150  # encoder frames of the compression tests' 3 s window (conftest's `whisper`)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import live_tensor_bytes, noise_clips
+from helpers import live_tensor_bytes, noise_clips, random_generation_config
 from safetensors.torch import load_file
 
 from liteasr.budget import RankChoice, allocate, rank_choices, tail_shares
@@ -188,31 +188,12 @@ def test_healing_memory_does_not_grow_with_the_number_of_clips(whisper, extracto
 # -- healing's decoder-logit term -------------------------------------------------------------------------------
 
 
-def _with_generation_config(model, multilingual: bool):
-    """Whisper's generation settings scaled to the 128-token vocabulary (as tests/test_scheduler.py's)."""
-    from transformers import GenerationConfig
-
-    settings = {
-        "decoder_start_token_id": 3,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "no_timestamps_token_id": 100,
-        "begin_suppress_tokens": [4, 2],
-        "suppress_tokens": [5, 6],
-    }
-    if multilingual:
-        settings |= {"lang_to_id": {"<|en|>": 90, "<|de|>": 91}, "task_to_id": {"transcribe": 92}}
-    model.generation_config = GenerationConfig(**settings)
-    return model
-
-
 @pytest.mark.parametrize("multilingual", [False, True])
 def test_logit_distillation_is_zero_on_the_original_and_pulls_a_changed_encoder_back(whisper, multilingual):
     from liteasr.healing import LogitDistillation
 
-    distillation = LogitDistillation(
-        _with_generation_config(whisper, multilingual), weight=0.5, max_tokens=12
-    )
+    whisper.generation_config = random_generation_config(whisper.config, multilingual=multilingual)
+    distillation = LogitDistillation(whisper, weight=0.5, max_tokens=12)
     torch.manual_seed(1)
     encoded = torch.randn(3, whisper.config.max_source_positions, whisper.config.d_model)
     inputs, counted, teacher = distillation.targets(encoded)
@@ -232,7 +213,7 @@ def test_logit_distillation_is_zero_on_the_original_and_pulls_a_changed_encoder_
 
 
 def test_healing_with_the_logit_term_runs_in_compress_and_leaves_the_base_as_it_was(whisper, extractor):
-    _with_generation_config(whisper, multilingual=False)
+    whisper.generation_config = random_generation_config(whisper.config)
     before = {name: tensor.clone() for name, tensor in whisper.state_dict().items()}
     options = CompressOptions(
         budget=0.7, rank_multiple=4, probe_windows=2, heal_steps=2, heal_batch_size=2, heal_logit_weight=0.1

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import random_generation_config
 from reference_engine import GenerateReference
-from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from liteasr.audio import SAMPLE_RATE, load_audio, split_windows
 from liteasr.decoding import DecodeOptions, LoopGuard
@@ -27,29 +28,11 @@ def processor(tiny_en_dir) -> WhisperProcessor:
 
 
 def random_engine(config, processor, *, multilingual: bool = False, guard: LoopGuard = GREEDY) -> Engine:
-    """A random Whisper with Whisper's generation settings scaled to its 128-token vocabulary: 2 end, 3 start,
-    100 <|notimestamps|>, 101-127 timestamps (and, multilingual, 90/91 English/German, 92/93 transcribe/translate).
+    """A random Whisper with Whisper's generation settings scaled to its vocabulary (`random_generation_config`).
     Its 64 decoder positions cap every window's budget at about 60 tokens, which keeps these tests fast."""
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config).eval()
-    settings = {
-        "decoder_start_token_id": 3,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "bos_token_id": 2,
-        "no_timestamps_token_id": 100,
-        "begin_suppress_tokens": [4, 2],
-        "suppress_tokens": [5, 6],
-        "max_initial_timestamp_index": 5,
-        "max_length": config.max_target_positions,
-        "is_multilingual": multilingual,
-    }
-    if multilingual:
-        settings |= {
-            "lang_to_id": {"<|en|>": 90, "<|de|>": 91},
-            "task_to_id": {"transcribe": 92, "translate": 93},
-        }
-    model.generation_config = GenerationConfig(**settings)
+    model.generation_config = random_generation_config(config, multilingual=multilingual)
     return Engine(model, processor, name="random", guard=guard)
 
 
