@@ -42,14 +42,15 @@ logger = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "cancelled")
 WORK_DIR = ".jobs"  # under MODELS_DIR; hidden, so never listed or activated
 KILL_AFTER_S = 10.0  # a cancelled job's process gets SIGTERM, then SIGKILL after this long
-# Share of a job's progress per stage (sensitivity with a budget, heal with healing; their share is skipped
-# otherwise); the gate transcribes its clips twice (source and result).
+# Share of a job's progress per stage (sensitivity with a budget, heal with healing, int8 with the int8 probe;
+# their share is skipped otherwise); the gate transcribes its clips twice (source and result).
 STAGE_SPANS = {
     "import": (0.0, 0.05),
     "calibrate": (0.05, 0.25),
     "sensitivity": (0.25, 0.35),
     "factorize": (0.35, 0.4),
-    "heal": (0.4, 0.75),
+    "heal": (0.4, 0.72),
+    "int8": (0.72, 0.75),
     "save": (0.75, 0.8),
     "gate": (0.8, 1.0),
 }

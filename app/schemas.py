@@ -463,6 +463,20 @@ class CompressJobRequest(_Strict):
     heal_steps: int = Field(
         _OPTIONS["heal_steps"], ge=0, le=100_000, description="Steps of healing after factorization; 0: none."
     )
+    heal_logit_weight: float = Field(
+        _OPTIONS["heal_logit_weight"],
+        ge=0,
+        le=100,
+        description="Weight of the decoder-logit term in healing (KL from the source model's next-token "
+        "distributions along its own transcripts); 0: encoder outputs only.",
+    )
+    int8_float_share: float | None = Field(
+        _OPTIONS["int8_float_share"],
+        gt=0,
+        le=1,
+        description="An encoder map stays in float under LITEASR_INT8=all where quantizing it alone adds this "
+        "share of int8's output error; null: no int8 probe.",
+    )
     activate: bool = Field(False, description="Serve the result once built (and once its gate passed).")
     gate: GateSpec | None = Field(None, description="Accuracy check before activation.")
 
@@ -483,6 +497,8 @@ class CompressJobRequest(_Strict):
             "max_clips": self.calibration.max_clips,
             "budget": budget,
             "heal_steps": self.heal_steps,
+            "heal_logit_weight": self.heal_logit_weight,
+            "int8_float_share": self.int8_float_share,
         }
 
 
@@ -503,7 +519,7 @@ class JobOut(BaseModel):
     name: str = Field(description="The model folder the job writes.")
     state: JobState
     stage: str = Field(
-        description="queued, starting, import, calibrate, sensitivity, factorize, heal, save, gate, done, ..."
+        description="queued, starting, import, calibrate, sensitivity, factorize, heal, int8, save, gate, done, ..."
     )
     progress: float = Field(ge=0, le=1)
     created_at: datetime

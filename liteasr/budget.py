@@ -178,14 +178,18 @@ class OutputProbe:
             maps[key].register_forward_hook(truncate(mean.to(dtype), directions.to(dtype)))
             for key, (mean, directions) in projections.items()
         ]
-        first = min(index for index, _ in projections)
         try:
-            with torch.inference_mode():
-                hidden = self.inputs[first]
-                for layer in self.encoder.layers[first:]:
-                    hidden = layer(hidden, None)
-                output = self.encoder.layer_norm(hidden)[self.frames]
+            return self.error_from(min(index for index, _ in projections))
         finally:
             for handle in handles:
                 handle.remove()
+
+    def error_from(self, first: int) -> float:
+        """Relative output error of the probe's encoder as it is now (a map swapped, hooked), running layers
+        `first`.. from their kept inputs."""
+        with torch.inference_mode():
+            hidden = self.inputs[first]
+            for layer in self.encoder.layers[first:]:
+                hidden = layer(hidden, None)
+            output = self.encoder.layer_norm(hidden)[self.frames]
         return float((output - self.reference).square().sum()) / self.variance

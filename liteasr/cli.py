@@ -134,6 +134,7 @@ def _compress_job(args: argparse.Namespace) -> CompressJob:
         heal_learning_rate=args.heal_learning_rate,
         heal_batch_size=args.heal_batch_size,
         heal_logit_weight=args.heal_logit_weight,
+        int8_float_share=args.int8_float_share or None,
         max_clips=args.max_clips or None,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -258,8 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=options["heal_logit_weight"],
         help="weight of healing's decoder-logit term: KL to the original model's next-token distributions on its "
-        "own transcripts of the calibration audio (0: the encoder output alone; 0.1 measured best on tiny.en; "
-        "about 2.5x the healing time; default %(default)s)",
+        "own transcripts of the calibration audio (0: the encoder output alone; about 1.6x the healing time; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--int8-float-share",
+        type=float,
+        default=options["int8_float_share"] or 0,
+        help="an encoder map stays in float under int8 (LITEASR_INT8=all) where quantizing it alone adds at least "
+        "this share of the output error of every map in int8 (0: no int8 probe; default %(default)s)",
     )
     p.add_argument(
         "--method",

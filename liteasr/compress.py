@@ -54,6 +54,7 @@ from liteasr.modeling import (
     encoder_parameters,
     factorize_linear,
     load_model,
+    quantize_encoder_int8,
 )
 
 __all__ = [
@@ -68,12 +69,17 @@ __all__ = [
     "compress",
     "compress_checkpoint",
     "encoder_flops",
+    "int8_float_maps",
     "parse_thresholds",
     "principal_components",
     "select_clips",
 ]
 
 ProgressCallback = Callable[[str, float], None]
+# Windows the int8 probe runs on (one clip alone, one packed window): massive activations are a property of the
+# model, not of the audio: on tiny.en and base two calibration windows picked the maps that eight clips of
+# data/voices did, in 8 s and 26 s on 2 cores.
+INT8_PROBE_WINDOWS = 2
 
 # Which encoder frames the statistics count:
 # mixed: the frames that hold audio, of every clip alone in its window (as short requests are served) and of the
@@ -148,15 +154,19 @@ class CompressOptions:
     # Fraction of the encoder's parameters to keep: the rank of every map in `budget_maps` is chosen together from
     # measured sensitivity (liteasr.budget). Used when `thresholds` is None; given thresholds replace it.
     # None: the method's thresholds.
-    budget: float | None = 0.75
+    budget: float | None = 0.7
     budget_maps: tuple[str, ...] = LOW_RANK_MAPS  # the maps a budget may factorize
     probe_windows: int = 8  # calibration windows the budget measures sensitivity on (half alone, half packed)
     heal_steps: int = 100  # batches of healing (liteasr.healing) after factorization; 0: none
     heal_learning_rate: float = 3e-4
     heal_batch_size: int = 4  # 30 s windows per healing step
     # Weight of healing's decoder-logit term (liteasr.healing.LogitDistillation: the original model's own greedy
-    # transcripts, no labels); 0: the encoder output alone. About 2.5x the healing time.
-    heal_logit_weight: float = 0.0
+    # transcripts, no labels); 0: the encoder output alone. About 1.6x the healing time.
+    heal_logit_weight: float = 0.1
+    # An encoder map stays in float under int8 (`LITEASR_INT8=all`; config.int8_float_maps) where quantizing it alone
+    # adds at least this share of the encoder output error that quantizing every map adds (`int8_float_maps`).
+    # None: no int8 probe.
+    int8_float_share: float | None = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -184,6 +194,8 @@ class CompressOptions:
                 "probe_windows and heal_batch_size must be positive, heal_steps and heal_logit_weight >= 0, "
                 "heal_learning_rate > 0"
             )
+        if self.int8_float_share is not None and not 0.0 < self.int8_float_share <= 1.0:
+            raise CompressionError(f"int8_float_share must be in (0, 1] or None, got {self.int8_float_share}")
         if self.budget is None:  # with a budget, thresholds stay None, so that `replace` keeps the budget
             self._fill_thresholds()
         if self.max_clips is not None and self.max_clips < 1:
@@ -544,6 +556,16 @@ class MapReport:
 
 
 @dataclass(frozen=True)
+class Int8Report:
+    """Relative encoder output errors of int8 against the float encoder, on the probe windows."""
+
+    float_maps: list[str]  # left in float under int8 (config.int8_float_maps)
+    error_all: float  # every map in int8
+    error: float  # with float_maps in float
+    alone: dict[str, float]  # per map: the error with that map alone in int8
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     method: str
     options: dict[str, Any]
@@ -566,6 +588,7 @@ class CompressionReport:
     output_error: float | None = None
     healed_output_error: float | None = None
     heal: HealReport | None = None
+    int8: Int8Report | None = None  # None where options.int8_float_share is None
 
     @property
     def parameter_reduction(self) -> float:
@@ -615,7 +638,7 @@ def compress(
 
     `base_model` is left as it is; the lite model shares its untouched tensors (clone it first to modify either)
     and keeps its device and dtype. `progress(stage, fraction)` is called with stages "calibrate", "sensitivity"
-    (with a budget), "factorize" and "heal" (with healing).
+    (with a budget), "factorize", "heal" (with healing) and "int8" (with the int8 probe).
     """
     options = options or CompressOptions()
     started = time.perf_counter()
@@ -712,6 +735,19 @@ def compress(
                         factor_parameters(lite.model.encoder), factor_parameters(student), strict=True
                     ):
                         kept_factor.copy_(trained)
+        int8 = None
+        if options.int8_float_share is not None:
+            int8_windows = replace(options, probe_windows=INT8_PROBE_WINDOWS)
+            features, frames = _probe_windows(clips, extractor, int8_windows, calibration.config)
+            int8 = int8_float_maps(
+                lite.model.encoder,
+                features,
+                frames,
+                options.int8_float_share,
+                keep_factors=options.low_rank_attention,
+                progress=None if progress is None else lambda fraction: progress("int8", fraction),
+            )
+            lite.config.int8_float_maps = int8.float_maps
     finally:
         base_model.train(was_training)
     del calibration
@@ -747,8 +783,61 @@ def compress(
         output_error=output_error,
         healed_output_error=healed_output_error,
         heal=heal_report,
+        int8=int8,
     )
     return lite, report
+
+
+def int8_float_maps(
+    encoder: nn.Module,
+    features: torch.Tensor,
+    frames: torch.Tensor,
+    share: float,
+    *,
+    keep_factors: bool = False,
+    progress: Callable[[float], None] | None = None,
+) -> Int8Report:
+    """The encoder maps that int8 must leave in float, measured on `features` (on the CPU, where int8 runs): a map
+    stays in float where quantizing it alone adds at least `share` of the output error that quantizing every map
+    (`modeling.quantize_encoder_int8`) adds. Massive activations (a few frames and channels far larger than the
+    rest) sit in the inputs of one or two maps, and one int8 scale per call cannot hold them.
+    """
+    reference = copy.deepcopy(encoder).to(device="cpu", dtype=torch.float32)
+    probe = OutputProbe(reference, features.to("cpu", torch.float32), frames.cpu())
+    maps = [
+        name
+        for name, module in reference.named_modules()
+        if isinstance(module, (nn.Linear, LowRankLinear))
+        and name.startswith("layers.")
+        and not (
+            keep_factors
+            and isinstance(module, LowRankLinear)
+            and name.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")
+        )
+    ]
+
+    def error_with_all_but(keep: Sequence[str]) -> float:
+        quantized = quantize_encoder_int8(copy.deepcopy(reference), keep, keep_factors=keep_factors)
+        return probe.model_error(quantized)
+
+    error_all = error_with_all_but(())
+    alone = {}
+    for done, name in enumerate(maps, start=1):
+        parent, attribute = name.rsplit(".", 1)
+        holder = reference.get_submodule(parent)
+        original = getattr(holder, attribute)
+        setattr(holder, attribute, quantize_encoder_int8(nn.Sequential(copy.deepcopy(original)))[0])
+        try:
+            alone[name] = probe.error_from(int(name.split(".")[1]))
+        finally:
+            setattr(holder, attribute, original)
+        if progress is not None:
+            progress(done / (len(maps) + 1))
+    kept = sorted((n for n in maps if alone[n] >= share * error_all), key=lambda n: -alone[n])
+    error = error_with_all_but(kept) if kept else error_all
+    if progress is not None:
+        progress(1.0)
+    return Int8Report(kept, error_all, error, alone)
 
 
 def _probe_windows(
@@ -821,6 +910,11 @@ def _distillation(
     """Healing's decoder-logit term, with the original's decoder in float32 on the calibration device."""
     if not options.heal_logit_weight:
         return None
+    if getattr(base_model.generation_config, "no_timestamps_token_id", None) is None:
+        raise CompressionError(
+            "healing's decoder-logit term decodes with Whisper's generation settings, which this model lacks "
+            "(no generation_config.json with no_timestamps_token_id): add them, or set heal_logit_weight to 0"
+        )
     weight = next(base_model.parameters())
     teacher = base_model
     if weight.device != torch.device(options.device) or weight.dtype != torch.float32:

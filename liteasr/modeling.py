@@ -10,10 +10,11 @@ lite model from a dense Whisper, and loading either kind for inference. Importin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "fuse_linears",
     "load_model",
     "INT8_PARTS",
+    "quantize_encoder_int8",
     "quantize_int8",
 ]
 
@@ -202,46 +204,85 @@ _DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
 
 
 def quantize_int8(
-    model: WhisperForConditionalGeneration, part: str = "decoder"
+    model: WhisperForConditionalGeneration, part: str = "decoder", *, keep_float: Sequence[str] | None = None
 ) -> WhisperForConditionalGeneration:
     """Dynamic int8 quantization of linear maps for inference on the CPU: the decoder's, or (`part="all"`) every
-    one, low-rank factors included.
+    one, low-rank factors included, except the encoder maps in `keep_float` (`quantize_encoder_int8`).
 
     Weights are stored in int8 with one scale per output channel and activations quantized per call (torch's
-    dynamic quantization). The encoder is left in float by default: its activations carry outliers (the massive
-    activations of docs/compression.md) that 8-bit activations clip. Measured on the 116 dev clips
-    (docs/benchmarks.md): lite-whisper-base 3.35% WER in float32, 3.20% with the decoder in int8 (1.3x faster),
-    12.4% with everything in int8; tiny.en 4.27%, 4.12% (1.4x) and 3.89% (1.8x). Changes `model` in place; the result
-    serves, it cannot be saved as a checkpoint.
+    dynamic quantization). Measured on the 116 dev clips (docs/benchmarks.md): lite-whisper-base 3.35% WER in
+    float32, 3.20% with the decoder in int8 (1.3x faster); tiny.en 4.27%, 4.12% (1.4x) and 3.89% all in int8
+    (1.8x). The encoder is left in float by default: its activations carry outliers. `keep_float=None` takes the maps compression measured and listed in the config
+    (`int8_float_maps`; none in a plain Whisper). Changes `model` in place; the result serves, it cannot be saved
+    as a checkpoint.
     """
     if part not in INT8_PARTS:
         raise CheckpointError(f"int8 quantization of {part!r}: expected one of {', '.join(INT8_PARTS)}")
     if next(model.parameters()).device.type != "cpu":
         raise CheckpointError("int8 quantization runs on the CPU only")
-    targets: list[nn.Module] = [model.model.decoder]
     if part == "all":
-        keep_float = bool(getattr(model.config, "low_rank_attention", False))  # that path reads the factors
-        encoder = model.model.encoder
-        for module in list(encoder.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, LowRankLinear) and not (
-                    keep_float and name in ("q_proj", "k_proj", "v_proj")
-                ):
-                    setattr(module, name, _as_linears(child))
-        targets.append(encoder)
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per tensor garbled lite-whisper-base
-    with warnings.catch_warnings():  # torch deprecates these in favour of torchao, not yet a dependency here
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*", category=DeprecationWarning)
-        for target in targets:
-            torch.ao.quantization.quantize_dynamic(
-                target, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True
-            )
+        if keep_float is None:
+            keep_float = getattr(model.config, "int8_float_maps", None) or ()
+        quantize_encoder_int8(
+            model.model.encoder,
+            keep_float,
+            keep_factors=bool(getattr(model.config, "low_rank_attention", False)),
+        )
+    with _quiet_quantization():
+        torch.ao.quantization.quantize_dynamic(
+            model.model.decoder, {nn.Linear: _INT8_QCONFIG}, dtype=torch.qint8, inplace=True
+        )
         # The output projection (tied to the token embeddings) is the largest decoder map.
         model.proj_out = torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(model.proj_out), {nn.Linear: qconfig}, dtype=torch.qint8
+            nn.Sequential(model.proj_out), {nn.Linear: _INT8_QCONFIG}, dtype=torch.qint8
         )[0]
     return model
+
+
+def quantize_encoder_int8(
+    encoder: nn.Module, keep_float: Sequence[str] = (), *, keep_factors: bool = False
+) -> nn.Module:
+    """The encoder part of `quantize_int8`, in place: every linear map in int8 but those named in `keep_float`
+    (paths in the encoder, as `"layers.3.fc2"`) and, with `keep_factors`, the q/k/v factors that reduced-dimension
+    attention reads.
+
+    One activation scale per call covers a whole batch of 1,500-frame windows, so a map whose input carries
+    massive activations (a few frames and channels hundreds of times larger than the rest) has everything else
+    rounded away: in lite-whisper-base the fc2 of layer 3 (of 6) alone made the encoder's output error 13x larger
+    (docs/compression.md). Compression finds such maps (`compress.int8_float_maps`).
+    """
+    maps = {
+        name for name, module in encoder.named_modules() if isinstance(module, (nn.Linear, LowRankLinear))
+    }
+    if unknown := sorted(set(keep_float) - maps):
+        raise CheckpointError(f"int8: no encoder map {', '.join(unknown)} to keep in float")
+    for module in list(encoder.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LowRankLinear) and not (
+                keep_factors and name in ("q_proj", "k_proj", "v_proj")
+            ):
+                setattr(module, name, _as_linears(child))
+    quantized = {
+        name: _INT8_QCONFIG
+        for name, module in encoder.named_modules()
+        if isinstance(module, nn.Linear)
+        and not any(name == k or name.startswith(f"{k}.") for k in keep_float)
+    }
+    with _quiet_quantization():
+        torch.ao.quantization.quantize_dynamic(encoder, quantized, dtype=torch.qint8, inplace=True)
+    return encoder
+
+
+_INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig  # per tensor garbled lite-whisper-base
+
+
+@contextlib.contextmanager
+def _quiet_quantization() -> Iterator[None]:
+    """torch deprecates dynamic quantization in favour of torchao, not yet a dependency here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*", category=DeprecationWarning)
+        yield
 
 
 def fuse_linears(maps: Sequence[nn.Module]) -> nn.Module:

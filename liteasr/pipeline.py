@@ -90,7 +90,7 @@ def run_compress_job(
     on_report: Callable[[CompressionReport], None] | None = None,
 ) -> CompressJobResult:
     """Run `job`. Stages reported: "import", "calibrate", "sensitivity" (with a budget), "factorize", "heal" (with
-    healing), "save", then "gate" when there is one.
+    healing), "int8" (with the int8 probe), "save", then "gate" when there is one.
 
     Both manifests are read first, so a bad one fails the job before the slow part. `on_report` gets the
     compression report once the model is written, before the gate runs (minutes earlier on a large gate split).

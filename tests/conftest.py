@@ -77,14 +77,17 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def whisper(tiny_whisper_config):
-    """The tiny random Whisper on 3 s windows (150 encoder frames) instead of 30 s: ten times faster."""
+    """The tiny random Whisper on 3 s windows (150 encoder frames) instead of 30 s: ten times faster; with
+    Whisper's generation settings, which healing's decoder-logit term decodes with."""
     import torch
-    from helpers import WINDOW_FRAMES
+    from helpers import WINDOW_FRAMES, random_generation_config
     from transformers import WhisperForConditionalGeneration
 
     tiny_whisper_config.max_source_positions = WINDOW_FRAMES
     torch.manual_seed(0)
-    return WhisperForConditionalGeneration(tiny_whisper_config).eval()
+    model = WhisperForConditionalGeneration(tiny_whisper_config).eval()
+    model.generation_config = random_generation_config(tiny_whisper_config)
+    return model
 
 
 @pytest.fixture

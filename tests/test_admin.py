@@ -205,6 +205,8 @@ def test_the_scheme_is_case_insensitive(client):
         ({"method": "magic"}, 422, "validation_error"),
         ({"budget": 1.5}, 422, "validation_error"),
         ({"heal_steps": -1}, 422, "validation_error"),
+        ({"heal_logit_weight": -0.1}, 422, "validation_error"),
+        ({"int8_float_share": 0}, 422, "validation_error"),
         ({"calibration": {"manifest": "speech.jsonl", "max_clips": 0}}, 422, "validation_error"),
         ({"unknown_field": 1}, 422, "validation_error"),
         ({"source": None}, 422, "validation_error"),
@@ -265,7 +267,9 @@ def test_symlinks_out_of_the_models_folder_are_neither_listed_nor_activated(clie
 
 def test_a_job_compresses_while_the_service_keeps_answering(client, jfk_file):
     request = job_request(
-        "lite-a", gate={"manifest": "speech.jsonl", "split": "dev", "max_wer_increase": 100.0}
+        "lite-a",
+        heal_logit_weight=0.05,
+        gate={"manifest": "speech.jsonl", "split": "dev", "max_wer_increase": 100.0},
     )
     response = client.post("/admin/compress", headers=AUTH, json=request)
     assert response.status_code == 202, response.text
@@ -281,7 +285,18 @@ def test_a_job_compresses_while_the_service_keeps_answering(client, jfk_file):
     assert answers and all(a == (200, words(JFK)) for a in answers), answers
     progress = [p for state, _, p in seen if state == "running"]
     assert progress == sorted(progress)
-    order = ["queued", "starting", "import", "calibrate", "sensitivity", "factorize", "heal", "save", "gate"]
+    order = [
+        "queued",
+        "starting",
+        "import",
+        "calibrate",
+        "sensitivity",
+        "factorize",
+        "heal",
+        "int8",
+        "save",
+        "gate",
+    ]
     stages = [stage for _, stage, _ in seen]
     assert stages == sorted(stages, key=order.index), stages  # the pipeline's order, whichever polls caught
     assert set(stages) - {"queued", "starting"}, stages  # caught it at work at least once
@@ -289,6 +304,7 @@ def test_a_job_compresses_while_the_service_keeps_answering(client, jfk_file):
     report = job["report"]
     assert report["clips"] == 4
     assert job["request"]["method"] == report["method"] == CompressOptions().method
+    assert job["request"]["heal_logit_weight"] == report["options"]["heal_logit_weight"] == 0.05
     assert report["encoder_parameters_after"] < report["encoder_parameters_before"]
     gate = job["gate"]
     assert gate["clips"] == 3 and gate["passed"] is True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ def test_tail_shares_count_what_the_first_k_directions_leave_out():
         {"heal_steps": -1},
         {"heal_learning_rate": 0.0},
         {"heal_logit_weight": -0.1},
+        {"int8_float_share": 0.0},
+        {"int8_float_share": 1.5},
         {"probe_windows": 0},
     ],
 )
@@ -213,7 +216,6 @@ def test_logit_distillation_is_zero_on_the_original_and_pulls_a_changed_encoder_
 
 
 def test_healing_with_the_logit_term_runs_in_compress_and_leaves_the_base_as_it_was(whisper, extractor):
-    whisper.generation_config = random_generation_config(whisper.config)
     before = {name: tensor.clone() for name, tensor in whisper.state_dict().items()}
     options = CompressOptions(
         budget=0.7, rank_multiple=4, probe_windows=2, heal_steps=2, heal_batch_size=2, heal_logit_weight=0.1
@@ -221,3 +223,56 @@ def test_healing_with_the_logit_term_runs_in_compress_and_leaves_the_base_as_it_
     _, report = compress(whisper, noise_clips(4), options, feature_extractor=extractor)
     assert report.heal.steps == 2 and report.options["heal_logit_weight"] == 0.1
     assert all(torch.equal(tensor, before[name]) for name, tensor in whisper.state_dict().items())
+
+
+def test_the_logit_term_without_whisper_generation_settings_is_a_clear_error(whisper, extractor):
+    from transformers import GenerationConfig
+
+    whisper.generation_config = GenerationConfig(decoder_start_token_id=3, eos_token_id=2)
+    options = CompressOptions(budget=0.7, rank_multiple=4, probe_windows=2, heal_steps=2, heal_batch_size=2)
+    with pytest.raises(CompressionError, match="generation settings"):
+        compress(whisper, noise_clips(2), options, feature_extractor=extractor)
+    compress(whisper, noise_clips(2), replace(options, heal_logit_weight=0.0), feature_extractor=extractor)
+
+
+# -- maps that int8 leaves in float ---------------------------------------------------------------------------------
+
+
+def _plant_massive_activation(whisper) -> None:
+    """One channel of layer 1's fc2 input a thousand times larger than the rest, while fc2 ignores it, so that the
+    float model computes what it did and only int8's one scale per call for that input suffers."""
+    layer = whisper.model.encoder.layers[1]
+    with torch.no_grad():
+        layer.fc1.weight[7].zero_()
+        layer.fc1.bias[7] = 1000.0
+        layer.fc2.weight[:, 7] = 0.0
+
+
+def test_int8_probe_keeps_the_map_with_massive_activations_in_float(whisper, extractor, tmp_path):
+    from liteasr.modeling import load_model, quantize_int8
+
+    _plant_massive_activation(whisper)
+    whisper.save_pretrained(tmp_path / "base")
+    extractor.save_pretrained(tmp_path / "base")
+    options = CompressOptions(budget=0.8, rank_multiple=4, probe_windows=2, heal_steps=0)
+    report = compress_checkpoint(tmp_path / "base", tmp_path / "lite", noise_clips(4), options)
+    assert report.int8 is not None and report.int8.float_maps == ["layers.1.fc2"]
+    assert report.int8.error < report.int8.error_all / 10, report.int8
+    lite = load_model(tmp_path / "lite")
+    assert lite.config.int8_float_maps == ["layers.1.fc2"]
+    quantized = quantize_int8(lite, "all").model.encoder
+
+    def int8_modules(module: torch.nn.Module) -> int:
+        return sum(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in module.modules())
+
+    assert int8_modules(quantized.layers[1].fc2) == 0
+    assert int8_modules(quantized.layers[0].fc2) > 0 and int8_modules(quantized.layers[1].fc1) > 0
+
+
+def test_without_the_int8_probe_no_map_is_kept_in_float(whisper, extractor):
+    _plant_massive_activation(whisper)
+    options = CompressOptions(
+        budget=0.8, rank_multiple=4, probe_windows=2, heal_steps=0, int8_float_share=None
+    )
+    lite, report = compress(whisper, noise_clips(2), options, feature_extractor=extractor)
+    assert report.int8 is None and getattr(lite.config, "int8_float_maps", None) is None

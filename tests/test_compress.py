@@ -271,8 +271,9 @@ def test_compress_factorizes_reports_and_leaves_the_base_alone(whisper, extracto
     assert report.encoder_parameters_after == encoder_parameters(lite) < encoder_parameters(whisper)
     assert report.encoder_flops_after < report.encoder_flops_before == encoder_flops(whisper.config)
     assert (report.clips, report.windows, report.frames) == (3, 3, 3 * WINDOW_FRAMES)
-    assert [stage for stage, _ in calls] == ["calibrate"] + ["factorize"] * 12
-    assert calls[-1] == ("factorize", 1.0)
+    stages = [stage for stage, _ in calls]
+    assert stages == ["calibrate"] + ["factorize"] * 12 + ["int8"] * 13  # 12 maps, then the chosen set
+    assert ("factorize", 1.0) in calls and calls[-1] == ("int8", 1.0)
     lite_generation, base_generation = (m.generation_config.to_diff_dict() for m in (lite, whisper))
     base_generation.pop("_from_model_config", None)
     assert lite_generation == base_generation
@@ -363,7 +364,7 @@ def test_a_job_passes_its_options_through_whole_and_reports_every_stage(random_d
     )
     stages, reports = [], []
     result = run_compress_job(job, lambda stage, fraction: stages.append(stage), on_report=reports.append)
-    assert list(dict.fromkeys(stages)) == ["import", "calibrate", "factorize", "heal", "save"]
+    assert list(dict.fromkeys(stages)) == ["import", "calibrate", "factorize", "heal", "int8", "save"]
     assert result.base == random_dir and result.gate is None and result.passed
     assert reports == [result.report] and result.report.options == asdict(options)
     saved = json.loads((tmp_path / "lite" / "compression_report.json").read_text())
@@ -506,24 +507,26 @@ def test_healing_lowers_the_output_error_on_clips_it_did_not_train_on(
 @pytest.mark.real
 @pytest.mark.slow
 def test_compressed_tiny_en_keeps_wer_on_new_voices(tiny_en_new_voices):
-    """>= 25% fewer encoder parameters, and at most +3.5 capped per-utterance WER points on voices outside
-    calibration and dev (144 clips: one clip is 0.7 points). Issue 14's target is +2.0; measured: 33.87 -> 36.44
-    (+2.57) and no loops, so this holds what the default reaches, with one clip (and one loop) of room for the
-    float differences between CPUs that healing's 100 steps can amplify, and fails if it gets worse."""
+    """Issue 14's target for tiny.en: >= 25% fewer encoder parameters (the default's budget keeps 70%) for at most
+    +2.0 capped per-utterance WER points on voices outside calibration and dev (144 clips: one clip is 0.7 points),
+    and no more loops. Measured: 33.87 -> 34.53 (+0.66), no loops; the margin is two clips of room for the float
+    differences between CPUs that healing's 100 steps can amplify."""
     report, results, _ = tiny_en_new_voices
     assert report.clips == CompressOptions().max_clips >= 20
-    assert report.parameter_reduction >= 0.25, report.parameter_reduction
+    assert report.parameter_reduction >= 0.29, report.parameter_reduction
     (dense, dense_loops), (lite, lite_loops) = results["dense"], results["lite"]
-    assert lite.mean_utterance_wer <= dense.mean_utterance_wer + 0.035, (dense, lite)
-    assert lite_loops <= dense_loops + 1, (dense_loops, lite_loops)
+    assert lite.mean_utterance_wer <= dense.mean_utterance_wer + 0.02, (dense, lite)
+    assert lite_loops <= dense_loops, (dense_loops, lite_loops)
 
 
 @pytest.mark.real
 @pytest.mark.slow
 def test_int8_on_the_compressed_tiny_en_keeps_its_accuracy(tiny_en_new_voices):
-    """Issue 14's int8 target: every linear map in int8 within +0.5 capped points of the compressed float32
-    (measured with `liteasr eval --int8 all` on the same default model: 36.44 float32, 35.64 int8)."""
-    _, results, _ = tiny_en_new_voices
+    """Issue 14's int8 target: `LITEASR_INT8=all` within +0.5 capped points of the compressed float32. The int8
+    probe leaves the map with massive activations in float (layer 3's fc2 on every tiny.en and base compressed so
+    far); measured on the default: 34.53 float32, 34.88 int8 (layer 3's fc1 and fc2 in float)."""
+    report, results, _ = tiny_en_new_voices
+    assert report.int8 is not None and "layers.3.fc2" in report.int8.float_maps, report.int8
     (lite, _), (int8, _) = results["lite"], results["lite int8"]
     assert int8.mean_utterance_wer <= lite.mean_utterance_wer + 0.005, (lite, int8)
 

@@ -360,6 +360,18 @@ def test_int8_quantization_covers_low_rank_factors_and_keeps_the_outputs(lite, f
     assert similarity > 0.99, similarity
 
 
+def test_int8_leaves_the_named_maps_in_float_and_refuses_unknown_ones(lite):
+    def int8_maps(module: nn.Module) -> int:
+        return sum(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in module.modules())
+
+    kept = ["layers.0.self_attn.q_proj", "layers.1.fc1"]  # one factorized, one dense
+    encoder = quantize_int8(copy.deepcopy(lite), "all", keep_float=kept).model.encoder
+    assert [int8_maps(encoder.get_submodule(name)) for name in kept] == [0, 0]
+    assert int8_maps(encoder.layers[1].fc2) == 2 and int8_maps(encoder.layers[0].fc2) == 1
+    with pytest.raises(CheckpointError, match="layers.9.fc2"):
+        quantize_int8(copy.deepcopy(lite), "all", keep_float=["layers.9.fc2"])
+
+
 def test_int8_keeps_the_small_principal_coordinates_of_a_factorized_map(lite):
     """A factorized map's intermediate holds principal coordinates whose scales fall by 10^4 here; with one int8
     scale for all of them the weak half is lost (error 1.04 of its size, measured), rebalanced it is not."""
