@@ -45,30 +45,60 @@ class Setting:
     )
     budget: float | None = None  # --budget; None: thresholds
     heal_steps: int = 0  # --heal-steps
+    heal_logit_weight: float = 0.0  # --heal-logit-weight
 
     def options(self):
         from liteasr.compress import CompressOptions, parse_thresholds
 
         thresholds = None if self.threshold is None else parse_thresholds(self.threshold)
         return CompressOptions(
-            method=self.method, thresholds=thresholds, budget=self.budget, heal_steps=self.heal_steps
+            method=self.method,
+            thresholds=thresholds,
+            budget=self.budget,
+            heal_steps=self.heal_steps,
+            heal_logit_weight=self.heal_logit_weight,
         )
 
 
+LOGIT_75 = Setting(
+    "budget-75-heal-logit",
+    "budget 0.75, healed 100 steps with the logit term 0.1",
+    budget=0.75,
+    heal_steps=100,
+    heal_logit_weight=0.1,
+)
+LOGIT_70 = Setting(
+    "budget-70-heal-logit",
+    "**default**: budget 0.70, healed 100 steps with the logit term 0.1",
+    budget=0.70,
+    heal_steps=100,
+    heal_logit_weight=0.1,
+)
 SETTINGS = {
     "tiny.en": (
         Setting("reference", "reference, 0.99:0.999 (paper default)", "reference", "0.99:0.999"),
         Setting("mixed", "thresholds: fc1 0.99, fc2 0.95 (the default before budgets)"),
         Setting("budget-75", "budget 0.75, no healing", budget=0.75),
-        Setting("budget-75-heal", "budget 0.75, healed 100 steps", budget=0.75, heal_steps=100),
-        Setting("budget-70-heal", "budget 0.70, healed 100 steps", budget=0.70, heal_steps=100),
+        Setting(
+            "budget-75-heal", "budget 0.75, healed 100 steps (encoder loss only)", budget=0.75, heal_steps=100
+        ),
+        Setting(
+            "budget-70-heal", "budget 0.70, healed 100 steps (encoder loss only)", budget=0.70, heal_steps=100
+        ),
+        LOGIT_75,
+        LOGIT_70,
     ),
     "base": (
         Setting("reference", "reference, 0.99:0.999 (paper default)", "reference", "0.99:0.999"),
         Setting("mixed", "thresholds: fc1 0.99, fc2 0.95 (the default before budgets)"),
-        Setting("budget-75-heal", "**default**: budget 0.75, healed 100 steps", budget=0.75, heal_steps=100),
+        Setting(
+            "budget-75-heal", "budget 0.75, healed 100 steps (encoder loss only)", budget=0.75, heal_steps=100
+        ),
         Setting("budget-70", "budget 0.70, no healing", budget=0.70),
-        Setting("budget-70-heal", "budget 0.70, healed 100 steps", budget=0.70, heal_steps=100),
+        Setting(
+            "budget-70-heal", "budget 0.70, healed 100 steps (encoder loss only)", budget=0.70, heal_steps=100
+        ),
+        LOGIT_70,
     ),
 }
 
@@ -101,6 +131,8 @@ def compress_command(base: Path, out: Path, setting: Setting) -> str:
         command += f" --budget {setting.budget or 0}"
     if setting.heal_steps != defaults["heal_steps"]:
         command += f" --heal-steps {setting.heal_steps}"
+    if setting.heal_steps and setting.heal_logit_weight != defaults["heal_logit_weight"]:
+        command += f" --heal-logit-weight {setting.heal_logit_weight}"
     return command
 
 
