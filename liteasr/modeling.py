@@ -212,9 +212,9 @@ def quantize_int8(
     Weights are stored in int8 with one scale per output channel and activations quantized per call (torch's
     dynamic quantization). Measured on the 116 dev clips (docs/benchmarks.md): lite-whisper-base 3.35% WER in
     float32, 3.20% with the decoder in int8 (1.3x faster); tiny.en 4.27%, 4.12% (1.4x) and 3.89% all in int8
-    (1.8x). The encoder is left in float by default: its activations carry outliers. `keep_float=None` takes the maps compression measured and listed in the config
-    (`int8_float_maps`; none in a plain Whisper). Changes `model` in place; the result serves, it cannot be saved
-    as a checkpoint.
+    (1.8x). The encoder is left in float by default: its activations carry outliers. `keep_float=None` takes the
+    maps compression measured and listed in the config (`int8_float_maps`; none in a plain Whisper). Changes
+    `model` in place; the result serves, it cannot be saved as a checkpoint.
     """
     if part not in INT8_PARTS:
         raise CheckpointError(f"int8 quantization of {part!r}: expected one of {', '.join(INT8_PARTS)}")
