@@ -29,6 +29,7 @@ from liteasr.modeling import (
     LiteWhisperForConditionalGeneration,
     LiteWhisperModel,
     LowRankLinear,
+    RowwiseInt8Linear,
     encoder_parameters,
     factorize_linear,
     fuse_linears,
@@ -397,9 +398,36 @@ def test_int8_quantization_of_the_decoder_leaves_the_encoder_in_float(lite, feat
     quantized = quantize_int8(copy.deepcopy(lite))
     assert any(isinstance(m, LowRankLinear) for m in quantized.model.encoder.modules())
     assert not any(type(m) is nn.Linear for m in quantized.model.decoder.modules())
-    assert isinstance(quantized.proj_out, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(quantized.proj_out, RowwiseInt8Linear)
     similarity = F.cosine_similarity(logits(quantized, features).flatten(), reference.flatten(), dim=0)
     assert similarity > 0.99, similarity
+
+
+def test_an_int8_decoder_row_is_rounded_as_it_would_be_alone(lite):
+    """A decode step's rows share each int8 call; a step-mate 100x larger must not coarsen another row's rounding
+    (it does with torch's one scale per call, checked here too, so the test can tell)."""
+    decoder = quantize_int8(copy.deepcopy(lite)).model.decoder
+    rowwise = decoder.layers[0].fc1
+    assert isinstance(rowwise, RowwiseInt8Linear)
+    linear = nn.Linear(rowwise.in_features, rowwise.out_features)
+    with torch.no_grad():
+        linear.weight.copy_(rowwise.weight().dequantize())
+        linear.bias.copy_(rowwise.bias)
+    per_call = torch.ao.quantization.quantize_dynamic(
+        nn.Sequential(linear),
+        {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+        dtype=torch.qint8,
+    )[0]
+    row = torch.randn(1, 1, rowwise.in_features)
+    step = torch.cat(
+        [row, 100 * torch.randn(2, 1, rowwise.in_features), torch.zeros(1, 1, rowwise.in_features)]
+    )
+    with torch.no_grad():
+        assert torch.equal(rowwise(step)[:1], rowwise(row))
+        assert not torch.equal(per_call(step)[:1], per_call(row))
+        assert torch.equal(rowwise(step)[3, 0], rowwise.bias)  # a row of zeros gives the bias
+        error = (rowwise(row) - linear(row)).norm() / linear(row).norm()
+    assert error < 0.02, error
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -18,6 +18,7 @@ from liteasr.audio import SAMPLE_RATE, load_audio, split_windows
 from liteasr.decoding import DecodeOptions, LoopGuard
 from liteasr.engine import Engine
 from liteasr.errors import InvalidOptionError
+from liteasr.modeling import quantize_int8
 
 GREEDY = LoopGuard(enabled=False)
 
@@ -101,8 +102,11 @@ def test_a_model_without_the_tokens_refuses_prompts_and_words(tiny_whisper_confi
     engine.check_options(DecodeOptions(prompt="  "))  # an empty prompt is no prompt
 
 
-def test_a_row_that_joins_mid_decode_gives_the_tokens_it_gives_alone(tiny_whisper_config, processor):
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_row_that_joins_mid_decode_gives_the_tokens_it_gives_alone(tiny_whisper_config, processor, int8):
     engine = random_engine(tiny_whisper_config, processor)
+    if int8:  # the CPU default: int8 rows share each quantized call, and must still be rounded alone
+        quantize_int8(engine.model)
     first, second = noise(3.0, 1), noise(2.0, 2)
     [alone_first] = decode_all(engine, [first], [DecodeOptions()])
     [alone_second] = decode_all(engine, [second], [DecodeOptions()])
