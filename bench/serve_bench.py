@@ -485,7 +485,7 @@ def render(report: dict, levels: list[Level], direct: list, steps: dict, by_id: 
         f"- Model: {report['model']} (transformers fp32 for the service and `generate`), against faster-whisper "
         f"on Whisper {report['family']['name']}'s CTranslate2 file from `{report['family']['package']}`. Batched service: `LITEASR_MAX_BATCH_SIZE={report['batch_size']}` "
         f"decoder rows (continuous batching). Rows naming int8: `LITEASR_INT8={report['int8']}` "
-        "(those linear maps in int8, per output channel, dynamic quantization) and "
+        "(those linear maps in int8: weights per output channel, activations per row, dynamic quantization) and "
         f"`LITEASR_BF16={report.get('bf16', 'off')}` (bf16 encoder: the encoder in bfloat16); the others "
         "`LITEASR_INT8=off`, `LITEASR_BF16=off` (float32 throughout). `mean rows` is rows per decode "
         "step (`liteasr_decode_step_rows`).",
