@@ -253,13 +253,14 @@ _TINY = torch.finfo(torch.float32).tiny
 class RowwiseInt8Linear(nn.Module):
     """A dynamic int8 linear map that quantizes each row of its input on its own.
 
-    torch's dynamic quantization takes one activation scale per call from the whole input, so in a decode step a
-    row's rounding depends on its step-mates' magnitudes: with the decoder in int8, 12 of tiny.en's 116 dev windows
-    changed tokens between being decoded alone and among 8 rows (`bench/batch_invariance.py`). Here each row is
-    divided by its largest magnitude before the call and multiplied by it after (the map is linear), and a constant
-    row (1, -1, 0, ...) appended to every call pins the call's range to [-1, 1]: every row is rounded with the
-    same scale whatever shares its step, and int8 products are exact, so a row's output does not depend on the
-    others.
+    torch's dynamic quantization takes one activation range per call from the whole input, so in a decode step a
+    row's rounding depends on its step-mates: with the decoder in int8, 12 of tiny.en's 116 dev windows changed
+    tokens between being decoded alone and among 8 rows (`bench/batch_invariance.py`). Here each row is divided by
+    its largest magnitude before the call and multiplied by it after (the map is linear), and a constant row
+    (1, -1, 0, ...) appended to every call pins the call's range to [-1, 1]: every row is rounded as it would be
+    alone, whatever shares its step, and int8 products are exact. Mapping each row's [min, max] instead (finer for
+    the one-sided inputs after the GELU) was tried: more windows changed tokens with their step-mates and base's
+    dev WER rose 0.3 points (docs/benchmarks.md).
     """
 
     def __init__(self, linear: _DynamicLinear) -> None:
