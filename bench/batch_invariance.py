@@ -18,38 +18,23 @@ import json
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from split_windows import REPO, SplitWindows  # bench/, this script's folder
 
 
 def compare(model: Path, split: str, int8: str | None, rows: int) -> dict:
-    from liteasr.audio import load_audio, split_windows
-    from liteasr.decoding import DecodeOptions, stitch
+    from liteasr.decoding import DecodeOptions
     from liteasr.engine import Engine
-    from liteasr.evaluate import wer_scores
-    from liteasr.manifest import read_manifest
 
     engine = Engine.load(model, device="cpu", int8=int8, bf16="off")
-    clips = read_manifest(REPO / "data" / "speech" / "manifest.jsonl", split=split)
-    audios = [load_audio(clip.audio) for clip in clips]
-    per_clip = [split_windows(audio) for audio in audios]
-    windows = [w.samples for ws in per_clip for w in ws]
+    split_windows = SplitWindows.load(split)
+    windows, keys = split_windows.samples, split_windows.keys
     options = [DecodeOptions()] * len(windows)
-    keys = [index for index, ws in enumerate(per_clip) for _ in ws]
     started = time.perf_counter()
     alone = engine.transcribe_windows(windows, options, batch_size=1, keys=keys)
     alone_s = time.perf_counter() - started
     started = time.perf_counter()
     shared = engine.transcribe_windows(windows, options, batch_size=rows, keys=keys)
     shared_s = time.perf_counter() - started
-
-    def texts(results):
-        out, position = [], 0
-        for audio, ws in zip(audios, per_clip, strict=True):
-            out.append(stitch(ws, results[position : position + len(ws)], len(audio) / 16000).text)
-            position += len(ws)
-        return out
-
-    references = [clip.text for clip in clips]
     differing = [i for i, (a, b) in enumerate(zip(alone, shared, strict=True)) if a.tokens != b.tokens]
     return {
         "model": model.name,
@@ -59,8 +44,8 @@ def compare(model: Path, split: str, int8: str | None, rows: int) -> dict:
         "windows": len(windows),
         "same_tokens": len(windows) - len(differing),
         "differing_after_a_fallback": sum(alone[i].looped or shared[i].looped for i in differing),
-        "wer_alone": wer_scores(references, texts(alone)).corpus_wer,
-        "wer_shared": wer_scores(references, texts(shared)).corpus_wer,
+        "wer_alone": split_windows.wer(alone),
+        "wer_shared": split_windows.wer(shared),
         "seconds_alone": alone_s,
         "seconds_shared": shared_s,
     }

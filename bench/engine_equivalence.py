@@ -20,22 +20,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from split_windows import SplitWindows  # noqa: E402  (bench/, this script's folder)
+
 
 def compare(model: Path, split: str) -> dict:
     from reference_engine import GenerateReference
 
-    from liteasr.audio import load_audio, split_windows
-    from liteasr.decoding import DecodeOptions, stitch
+    from liteasr.decoding import DecodeOptions
     from liteasr.engine import Engine
-    from liteasr.evaluate import wer_scores
-    from liteasr.manifest import read_manifest
 
     engine = Engine.load(model, device="cpu")
     reference = GenerateReference(engine)
-    clips = read_manifest(REPO / "data" / "speech" / "manifest.jsonl", split=split)
-    audios = [load_audio(clip.audio) for clip in clips]
-    per_clip = [split_windows(audio) for audio in audios]
-    windows = [w.samples for ws in per_clip for w in ws]
+    split_windows = SplitWindows.load(split)
+    windows = split_windows.samples
     options = [DecodeOptions()] * len(windows)
     started = time.perf_counter()
     new = engine.transcribe_windows(windows, options, batch_size=8)
@@ -49,25 +46,16 @@ def compare(model: Path, split: str) -> dict:
     differing_fallbacks = sum(
         a.tokens != b.tokens and (a.looped or b.looped) for a, b in zip(new, old, strict=True)
     )
-
-    def texts(results):
-        out, position = [], 0
-        for audio, ws in zip(audios, per_clip, strict=True):
-            out.append(stitch(ws, results[position : position + len(ws)], len(audio) / 16000).text)
-            position += len(ws)
-        return out
-
-    references = [clip.text for clip in clips]
     return {
         "model": model.name,
         "split": split,
-        "clips": len(clips),
+        "clips": len(split_windows.references),
         "windows": len(windows),
         "same_tokens": same,
         "same_share": same / len(windows),
         "differing_after_a_fallback": differing_fallbacks,
-        "wer_step_engine": wer_scores(references, texts(new)).corpus_wer,
-        "wer_generate": wer_scores(references, texts(old)).corpus_wer,
+        "wer_step_engine": split_windows.wer(new),
+        "wer_generate": split_windows.wer(old),
         "seconds_step_engine": new_s,
         "seconds_generate": old_s,
     }
